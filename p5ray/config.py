@@ -1,0 +1,222 @@
+"""Configuration: frozen dataclasses per stage, loaded from one YAML with `--set` overrides.
+
+    cfg = load_config("configs/beauty.yaml", ["train.lr=0.002", "loss.alpha.rank=0.5"])
+
+Every key has a default here, documented in `p5ray/configs/default.yaml` (a test keeps the two in
+step). Unknown keys and values of the wrong type are rejected with the dotted key named.
+Convert to plain dicts (`to_dict`) only at Ray's boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from p5ray.errors import ConfigError
+
+TASKS = ("recall", "rank", "cross_sell", "rating")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64  # width of item embeddings and of the transformer
+    layers: int = 2  # transformer blocks in the shared encoder
+    heads: int = 2  # attention heads per block
+    dropout: float = 0.3  # dropout in the encoder and towers
+    emb_dropout: float = 0.3  # dropout on the summed item + position embeddings
+    max_len: int = 50  # most recent items the encoder sees
+    mixture: Literal["shared_bottom", "mmoe", "ple"] = "shared_bottom"  # how task towers share experts
+    experts: int = 4  # experts for mmoe / ple (ple: shared experts; each task adds its own)
+    tower_dim: int = 64  # hidden width of the rank / rating towers
+    use_features: bool = True  # embed user / item feature columns when the data has them
+
+
+@dataclass(frozen=True)
+class AlphaConfig:
+    recall: float = 1.0
+    rank: float = 0.2
+    cross_sell: float = 0.2
+    rating: float = 0.2
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)  # task weights in sum_i alpha_i L_i
+    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"  # how alphas evolve
+    gradnorm_alpha: float = 1.5  # restoring-force exponent of GradNorm
+    recall_loss: Literal["auto", "full_softmax", "sampled_softmax", "bce"] = "auto"
+    full_softmax_max_items: int = 20000  # "auto" uses full softmax up to this catalog size
+    num_negatives: int = 1024  # shared negatives per batch for sampled softmax / bce
+    logq_correction: bool = True  # subtract log sampling probability in sampled softmax
+    rank_negatives: int = 4  # sampled negatives per positive for the rank task
+    cross_sell_negatives: int = 256  # shared negatives per batch for cross-sell
+    label_smoothing: float = 0.0  # on the recall softmax
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    lr: float = 0.001
+    batch_size: int = 128  # sequences per worker per step
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    seed: int = 42
+    patience: int = 10  # stop after this many epochs without a better valid/ndcg@10 (0: never)
+    eval_every: int = 1  # validate every N epochs
+    num_workers: int = 2  # Ray Train workers (overridden by --num-workers)
+    cpus_per_worker: int = 1
+    threads_per_worker: int = 0  # torch threads per worker (0: cpus_per_worker)
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # checkpoints kept besides the best one
+    valid_users: int = 0  # validate on a fixed random subset of users (0: all)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (5, 10, 20)
+    sampled_negatives: int = 99  # P5 protocol: 1 positive + 99 items the user never touched
+    chunk_items: int = 65536  # items scored per chunk in full ranking (bounds memory)
+    batch_users: int = 512
+    seed: int = 2022
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or section) as plain dicts/lists, ready for YAML, JSON or Ray."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(data: dict | None, cls: type = Config, prefix: str = "") -> Any:
+    """Build `cls` from a (partial) dict; unknown keys and wrong types raise ConfigError."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"unknown config key {where}", f"known keys: {', '.join(sorted(names))}")
+    values = {}
+    for name, raw in data.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = from_dict(raw, tp, key + ".")
+        else:
+            values[name] = _coerce(raw, tp, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[]") for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict copy."""
+    data = _deep_copy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if len(parts) < 2:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `--set` overrides, validated into a frozen Config."""
+    data = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, overrides))
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of cfg with some fields of some sections replaced: replace(cfg, train={"epochs": 1})."""
+    changed = {name: dataclasses.replace(getattr(cfg, name), **kw) for name, kw in sections.items()}
+    return dataclasses.replace(cfg, **changed)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
