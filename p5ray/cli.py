@@ -118,6 +118,70 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = _verb(
+        sub,
+        "train",
+        "Train the multi-task model with Ray Train (TorchTrainer, DDP) on a prepared data directory; "
+        "prints `checkpoint: PATH` of the best checkpoint by valid/ndcg@10 last.",
+        "p5ray train --data prepared/ml-100k --num-workers 2 --set train.epochs=20",
+    )
+    p.add_argument("--data", required=True, help="prepared data directory (from `p5ray prepare`)")
+    _add_config_flags(p)
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.num_workers = 2)")
+    p.add_argument("--use-gpu", action="store_true", help="one worker per GPU, NCCL, bf16 autocast")
+    p.add_argument("--storage", default="runs", help="where runs and checkpoints go (shared path or s3://)")
+    p.add_argument("--name", help="run name (default: train-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run --storage/--name")
+    p.add_argument("--init-from", help="warm start from this checkpoint (vocab may have grown)")
+    p.set_defaults(run=_run_train)
+
+
+def _load_cli_config(args):
+    from p5ray.config import load_config, replace
+
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "num_workers", None):
+        cfg = replace(cfg, train={"num_workers": args.num_workers})
+    if getattr(args, "use_gpu", False):
+        cfg = replace(cfg, train={"use_gpu": True})
+    return cfg
+
+
+def _run_train(args) -> int:
+    from p5ray import train
+
+    cfg = _load_cli_config(args)
+    result = train.fit(args.data, cfg, storage=args.storage, name=args.name, resume=args.resume, init_from=args.init_from)
+    keys = ("epoch", "valid/ndcg@10", "valid/hr@10")
+    print(json.dumps({k: result.metrics[k] for k in keys if k in result.metrics}))
+    print(f"run: {result.run_dir}")
+    print(f"checkpoint: {os.path.abspath(result.checkpoint)}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = _verb(
+        sub,
+        "evaluate",
+        "Offline metrics of a checkpoint on a prepared data directory, as one JSON object on stdout.",
+        "p5ray evaluate --checkpoint runs/NAME/checkpoint_epoch_0040 --data prepared/ml-100k",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["test", "valid"], default="test")
+    p.add_argument("--output", help="also write the JSON here")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from p5ray import evaluate
+
+    metrics = evaluate.run(args.checkpoint, args.data, args.split, args.output)
+    print(json.dumps(metrics))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p5ray",
@@ -132,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERBS = [_add_prepare]
+VERBS = [_add_prepare, _add_train, _add_evaluate]
 
 
 def _setup_logging(args) -> None:
@@ -146,8 +210,9 @@ def _setup_logging(args) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    if not getattr(args, "verbose", False):
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if getattr(args, "verbose", False):
+        os.environ["P5RAY_VERBOSE"] = "1"
+    else:
         for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
