@@ -10,6 +10,8 @@ Convert to plain dicts (`to_dict`) only at Ray's boundary.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +22,6 @@ import yaml
 
 from p5ray.errors import ConfigError
 
-TASKS = ("recall", "rank", "cross_sell", "rating")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,6 @@ class LossConfig:
     num_negatives: int = 1024  # shared negatives per batch for sampled softmax / bce
     logq_correction: bool = True  # subtract log sampling probability in sampled softmax
     rank_negatives: int = 4  # sampled negatives per positive for the rank task
-    cross_sell_negatives: int = 256  # shared negatives per batch for cross-sell
     label_smoothing: float = 0.0  # on the recall softmax
 
 
@@ -220,3 +220,50 @@ def replace(cfg: Config, **sections: Any) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """The `# comment` after each field in this file, keyed by (class, field)."""
+    comments, cls = {}, None
+    for line in inspect.getsource(__import__(__name__, fromlist=["_"])).splitlines():
+        match = re.match(r"class (\w+)", line)
+        if match:
+            cls = match.group(1)
+        match = re.match(r"\s+(\w+): .*?=.*?#\s*(.*)$", line)
+        if match and cls:
+            comments[(cls, match.group(1))] = match.group(2)
+    return comments
+
+
+def render_defaults() -> str:
+    """p5ray/configs/default.yaml: every key, its default and its comment, from the dataclasses."""
+    comments = _field_comments()
+    out = [
+        "# p5ray configuration: every key with its default. Copy, edit, pass with --config;",
+        "# override single keys with --set section.key=value. Generated from p5ray/config.py by",
+        "# `python -m p5ray.config` (a test keeps the two in step).",
+        "",
+    ]
+
+    def emit(obj: Any, indent: int) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            note = comments.get((type(obj).__name__, f.name))
+            tail = f"  # {note}" if note else ""
+            if dataclasses.is_dataclass(value):
+                out.append(" " * indent + f"{f.name}:{tail}")
+                emit(value, indent + 2)
+            else:
+                text = yaml.safe_dump(to_dict(value), default_flow_style=True).strip()
+                text = text.removesuffix("...").strip()
+                out.append(" " * indent + f"{f.name}: {text}{tail}")
+
+    for f in dataclasses.fields(Config):
+        out.append(f"{f.name}:")
+        emit(getattr(Config(), f.name), 2)
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    (Path(__file__).parent / "configs" / "default.yaml").write_text(render_defaults())
