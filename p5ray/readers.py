@@ -1,0 +1,364 @@
+"""Finding, sniffing and reading interaction logs in byte ranges with known line numbers.
+
+The driver resolves the input (`resolve`: which files, which format, which columns) and cuts each
+plain text file into ranges that end on a newline, counting newlines as it goes, so every range
+knows the number of its first line (`plan_ranges`). A Ray Data read task turns one range into a
+lines table `file`, `line`, `raw` (`read_range`); `parsers.parse_lines` does the rest. Gzip files
+are one range each (they cannot be seeked), read as a stream; Parquet is split by row group.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from p5ray.errors import DataError
+from p5ray.parsers import LogSpec
+
+log = logging.getLogger("p5ray.prepare")
+
+FORMATS = ("auto", "movielens", "sequence", "csv", "tsv", "parquet", "jsonl", "amazon-json")
+MOVIELENS_FILES = ("u.data", "ratings.dat", "ratings.csv")
+DEFAULT_COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp", "rating": "rating", "event": "event"}
+AMAZON_COLUMNS = {"user": "reviewerID", "item": "asin", "timestamp": "unixReviewTime", "rating": "overall"}
+MOVIELENS_CSV_COLUMNS = {"user": "userId", "item": "movieId", "timestamp": "timestamp", "rating": "rating"}
+RATING_RANGES = {"movielens": (0.5, 5.0), "amazon-json": (1.0, 5.0)}
+HEAD_BYTES = 1 << 16
+GZIP_MAGIC, PARQUET_MAGIC, BOM = b"\x1f\x8b", b"PAR1", b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One read task: bytes [start, end) of a file (end None: to the end), first line's number."""
+
+    file: int
+    path: str
+    start: int
+    end: int | None
+    first_line: int
+    kind: str = "text"  # text | gzip | parquet (start = row group, first_line = its first row)
+
+
+def resolve(path: str, fmt: str = "auto", columns: dict | None = None, rating_range=None) -> LogSpec:
+    """The files to read and how to parse them; DataError names the file when that is unclear."""
+    files = _input_files(Path(path), fmt)
+    heads = [read_head(f) for f in files]
+    if fmt == "auto":
+        fmt, note = sniff(files[0], heads[0])
+        log.info("format auto: picked %s for %s (%s)", fmt, files[0], note)
+    else:
+        note = "given with --format"
+    given = {k: v for k, v in (columns or {}).items() if v}
+    specs = [_spec_for(fmt, f, h, {**DEFAULT_COLUMNS, **given}, given) for f, h in zip(files, heads, strict=True)]
+    for f, other in zip(files[1:], specs[1:], strict=True):
+        if other.fields != specs[0].fields or other.delimiter != specs[0].delimiter:
+            raise DataError(str(f), f"its columns differ from those of {files[0]}", line=1)
+    spec = replace(specs[0], files=tuple(str(f) for f in files), note=note)
+    if rating_range is not None:
+        spec = replace(spec, rating_range=tuple(rating_range))
+    return spec
+
+
+def _input_files(path: Path, fmt: str) -> list[Path]:
+    if not path.exists():
+        raise DataError(str(path), "no such file or directory", hint="check --input")
+    if path.is_dir():
+        try:
+            names = sorted(p for p in path.iterdir() if not p.name.startswith((".", "_")) and p.is_file())
+        except PermissionError as exc:
+            raise DataError(str(path), f"cannot read directory: {exc.strerror}") from exc
+        if fmt in ("auto", "movielens"):
+            for name in MOVIELENS_FILES:
+                if (path / name).is_file():
+                    return [path / name]
+        if not names:
+            raise DataError(str(path), "directory holds no input files")
+        files = names
+    else:
+        files = [path]
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataError(str(f), "cannot read file: permission denied")
+    return files
+
+
+def read_head(path: Path, nbytes: int = HEAD_BYTES) -> bytes:
+    """The first bytes of a file, decompressed if gzip; raises DataError for empty files."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic[:2] == GZIP_MAGIC:
+            try:
+                head = gzip.GzipFile(fileobj=f).read(nbytes)
+            except (OSError, EOFError) as exc:
+                raise DataError(str(path), f"broken gzip file: {exc}") from exc
+        else:
+            head = f.read(nbytes)
+    if magic == PARQUET_MAGIC:
+        return head
+    if not head.removeprefix(BOM).strip():
+        raise DataError(str(path), "empty file: no rows to read")
+    if b"\x00" in head:
+        line = head[: head.index(b"\x00")].count(b"\n") + 1
+        raise DataError(str(path), "binary data (NUL byte), not a text log", line=line)
+    return head
+
+
+def head_lines(head: bytes, n: int = 20) -> list[str]:
+    """Up to n complete non-blank lines of a head (the last, maybe cut, line is left out)."""
+    text = decode(head.removeprefix(BOM))
+    lines = text.split("\n")
+    if len(head) >= HEAD_BYTES:
+        lines = lines[:-1]
+    return [ln.rstrip("\r") for ln in lines if ln.strip()][:n]
+
+
+def decode(data: bytes) -> str:
+    """UTF-8, or latin-1 line by line where a line is not valid UTF-8 (old MovieLens files)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\n".join(_decode_line(part) for part in data.split(b"\n"))
+
+
+def _decode_line(part: bytes) -> str:
+    try:
+        return part.decode("utf-8")
+    except UnicodeDecodeError:
+        return part.decode("latin-1")
+
+
+def sniff(path: Path, head: bytes) -> tuple[str, str]:
+    """Guess the format of a file from its name and first lines; returns (format, why)."""
+    name = path.name.removesuffix(".gz")
+    if head[:4] == PARQUET_MAGIC or name.endswith(".parquet"):
+        return "parquet", "Parquet file"
+    lines = head_lines(head)
+    if not lines:
+        raise DataError(str(path), "empty file: no rows to read")
+    first = lines[0].lstrip("\ufeff")
+    if first.lstrip().startswith("{"):
+        keys = _json_keys(first)
+        if {"reviewerID", "asin"} <= keys:
+            return "amazon-json", "JSON lines with reviewerID and asin"
+        return "jsonl", "JSON lines"
+    if name in MOVIELENS_FILES:
+        return "movielens", f"file named {name}"
+    if "::" in first:
+        return "movielens", "'::'-separated like ratings.dat"
+    if first.replace(" ", "").lower().startswith("userid,movieid"):
+        return "movielens", "header userId,movieId like ratings.csv"
+    delim = "\t" if first.count("\t") > first.count(",") else ","
+    cols = [c.strip().strip('"') for c in first.split(delim)]
+    if "user_id" in cols or "item_id" in cols:
+        return ("tsv" if delim == "\t" else "csv"), f"header {cols}"
+    fields = {len(ln.split("\t")) for ln in lines}
+    if fields in ({4}, {3}) and "\t" in first:
+        return "movielens", "tab-separated user item rating timestamp rows like u.data"
+    if all(len(ln.split()) >= 2 for ln in lines) and "," not in first:
+        return "sequence", "whitespace-separated 'user item item ...' lines"
+    raise DataError(str(path), "cannot tell the format of this file", line=1, hint="pass --format")
+
+
+def _json_keys(line: str) -> set[str]:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return {k for k in ("reviewerID", "asin") if f"'{k}'" in line or f'"{k}"' in line}
+    return set(obj) if isinstance(obj, dict) else set()
+
+
+def _spec_for(fmt: str, path: Path, head: bytes, names: dict, given: dict) -> LogSpec:
+    if fmt == "parquet":
+        return _parquet_spec(path, names, given)
+    lines = head_lines(head)
+    first = lines[0].lstrip("\ufeff") if lines else ""
+    if fmt == "sequence":
+        return LogSpec("sequence", "sequence", fields={"user": 0, "item": 1})
+    if fmt in ("jsonl", "amazon-json"):
+        defaults = AMAZON_COLUMNS if fmt == "amazon-json" else names
+        fields = {r: given.get(r, defaults[r]) for r in ("user", "item", "timestamp", "rating", "event") if r in defaults or r in given}
+        if fmt == "jsonl":
+            keys = _json_keys(first)
+            fields = {r: k for r, k in fields.items() if r in ("user", "item") or r in given or k in keys}
+        return LogSpec(fmt, "json", fields=fields, rating_range=RATING_RANGES.get(fmt))
+    if fmt == "movielens":
+        return _movielens_spec(path, first, given)
+    delim = "\t" if fmt == "tsv" else ","
+    return _header_spec(fmt, path, first, delim, names, given, rating_range=None)
+
+
+def _movielens_spec(path: Path, first: str, given: dict) -> LogSpec:
+    fixed = {"user": 0, "item": 1, "rating": 2, "timestamp": 3}
+    rr = RATING_RANGES["movielens"]
+    if "::" in first:
+        return LogSpec("movielens", "delimited", delimiter="::", n_fields=4, fields=fixed, rating_range=rr)
+    if "\t" in first:
+        return LogSpec("movielens", "delimited", delimiter="\t", n_fields=4, fields=fixed, rating_range=rr)
+    names = {**MOVIELENS_CSV_COLUMNS, **given}
+    return _header_spec("movielens", path, first, ",", names, given, rating_range=rr)
+
+
+def _header_spec(fmt, path, first, delim, names, given, rating_range) -> LogSpec:
+    """csv/tsv with a header line: map roles to column positions, fail loudly on a bad header."""
+    header = tuple(c.strip() for c in next(csv.reader([first], delimiter=delim)))
+    fields = {}
+    for role in ("user", "item", "timestamp", "rating", "event"):
+        name = names.get(role)
+        if name in header:
+            fields[role] = header.index(name)
+        elif role in ("user", "item") or role in given:
+            other = "tab" if delim == "," else "comma"
+            looks = ("\t" if delim == "," else ",") in first and len(header) == 1
+            hint = f"the file looks {other}-separated; try --format {'tsv' if delim == ',' else 'csv'}" if looks else (
+                f"name the column with --{role}-col" if role in ("user", "item") else None)
+            raise DataError(str(path), f"no column '{name}' in the header {list(header)}", line=1, hint=hint)
+    return LogSpec(fmt, "delimited", delimiter=delim, header=header, n_fields=len(header), quoted=True,
+                   fields=fields, rating_range=rating_range)
+
+
+def _parquet_spec(path: Path, names: dict, given: dict) -> LogSpec:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(str(path), f"not a readable Parquet file: {exc}") from exc
+    fields = {}
+    for role in ("user", "item", "timestamp", "rating", "event"):
+        if names[role] in schema.names:
+            fields[role] = names[role]
+        elif role in ("user", "item") or role in given:
+            raise DataError(str(path), f"no column '{names[role]}' in {schema.names}", hint=f"use --{role}-col")
+    return LogSpec("parquet", "parquet", header=tuple(schema.names), fields=fields)
+
+
+def plan_ranges(spec: LogSpec, chunk_bytes: int = 32 << 20) -> list[ByteRange]:
+    """Cut every input file into read tasks; text ranges end on a newline and know their first line."""
+    ranges: list[ByteRange] = []
+    for i, name in enumerate(spec.files):
+        path = Path(name)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if spec.layout == "parquet":
+            meta = pq.ParquetFile(path).metadata
+            first = 1
+            for g in range(meta.num_row_groups):
+                ranges.append(ByteRange(i, name, g, None, first, "parquet"))
+                first += meta.row_group(g).num_rows
+        elif magic[:2] == GZIP_MAGIC:
+            ranges.append(ByteRange(i, name, 0, None, 1, "gzip"))
+        else:
+            ranges.extend(_text_ranges(i, path, chunk_bytes))
+    return ranges
+
+
+def _text_ranges(file: int, path: Path, chunk_bytes: int) -> list[ByteRange]:
+    size = path.stat().st_size
+    out, start, line = [], 0, 1
+    with open(path, "rb") as f:
+        pos = 0
+        count = 0  # newlines in [start, pos) so far
+        while pos < size:
+            block = f.read(min(1 << 22, size - pos))
+            if not block:
+                break
+            i = 0
+            while True:
+                target = start + chunk_bytes - pos
+                nl = block.find(b"\n", max(target, i)) if target < len(block) else -1
+                if nl < 0:
+                    count += block.count(b"\n", i)
+                    break
+                count += block.count(b"\n", i, nl + 1)
+                out.append(ByteRange(file, str(path), start, pos + nl + 1, line))
+                start, line, count, i = pos + nl + 1, line + count, 0, nl + 1
+            pos += len(block)
+    if start < size:
+        out.append(ByteRange(file, str(path), start, size, line))
+    return out
+
+
+def read_range(r: ByteRange, spec: LogSpec, lines_per_table: int = 1 << 18) -> Iterator[pa.Table]:
+    """One read task: tables of `file`, `line`, `raw` (parquet: role columns as text, too)."""
+    if r.kind == "parquet":
+        yield _parquet_rows(r, spec)
+        return
+    skip = 1 if spec.header else 0
+    if r.kind == "gzip":
+        with gzip.open(r.path, "rb") as f:
+            yield from _stream_lines(r.file, f, skip, lines_per_table)
+        return
+    with open(r.path, "rb") as f:
+        f.seek(r.start)
+        data = f.read(r.end - r.start)
+    if r.start == 0:
+        data = data.removeprefix(BOM)
+    yield from _line_tables(r.file, r.first_line, data, skip if r.start == 0 else 0, lines_per_table)
+
+
+def _stream_lines(file: int, f: io.BufferedIOBase, skip: int, lines_per_table: int) -> Iterator[pa.Table]:
+    line, carry, first = 1, b"", True
+    while True:
+        block = f.read(8 << 20)
+        data = carry + block
+        if first:
+            data, first = data.removeprefix(BOM), False
+        if block:
+            cut = data.rfind(b"\n") + 1
+            data, carry = data[:cut], data[cut:]
+        if data:
+            yield from _line_tables(file, line, data, skip, lines_per_table)
+            line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+            skip = 0
+        if not block:
+            return
+
+
+def _line_tables(file: int, first_line: int, data: bytes, skip: int, lines_per_table: int) -> Iterator[pa.Table]:
+    lines = decode(data).split("\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    for lo in range(skip, len(lines), lines_per_table):
+        part = lines[lo : lo + lines_per_table]
+        yield pa.table(
+            {
+                "file": pa.array([file] * len(part), pa.int32()),
+                "line": pa.array(range(first_line + lo, first_line + lo + len(part)), pa.int64()),
+                "raw": pa.array(part, pa.string()),
+            }
+        )
+
+
+def _parquet_rows(r: ByteRange, spec: LogSpec) -> pa.Table:
+    table = pq.ParquetFile(r.path).read_row_group(r.start, columns=sorted(set(spec.fields.values())))
+    n = table.num_rows
+    cols = {
+        "file": pa.array([r.file] * n, pa.int32()),
+        "line": pa.array(range(r.first_line, r.first_line + n), pa.int64()),
+        "pos": pa.array([0] * n, pa.int32()),
+    }
+    for role, name in spec.fields.items():
+        cols[role] = _as_text(table[name])
+    shown = [pc.fill_null(cols[role], "") for role in spec.fields]
+    cols["raw"] = pc.binary_join_element_wise(*shown, ",")
+    return pa.table(cols)
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.Array:
+    """A Parquet column as text for the common validation; timestamps become epoch seconds."""
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        col = col.cast(pa.timestamp("s")).cast(pa.int64())
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(pa.string()).combine_chunks()
