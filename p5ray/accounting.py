@@ -45,9 +45,15 @@ class RowStats:
 def summarize_events(events: pa.Table) -> pa.Table:
     """Parsed events -> one row: rows, counts by reason, the first bad row, event type counts."""
     reasons = events["reason"]
-    counts = {} if reasons.null_count == len(reasons) else {
-        d["values"]: d["counts"] for d in pc.value_counts(reasons).to_pylist() if d["values"] is not None
-    }
+    counts = (
+        {}
+        if reasons.null_count == len(reasons)
+        else {
+            d["values"]: d["counts"]
+            for d in pc.value_counts(reasons).to_pylist()
+            if d["values"] is not None
+        }
+    )
     bad = events.filter(pc.is_in(reasons, value_set=pa.array(list(REASONS), pa.string())))
     first = None
     if bad.num_rows:
@@ -55,10 +61,24 @@ def summarize_events(events: pa.Table) -> pa.Table:
         row = bad.slice(int(key), 1).to_pylist()[0]
         first = [row["file"], row["line"], row["pos"], row["reason"], row["raw"]]
     valid_events = events.filter(pc.is_null(reasons))["event"]
-    types = {} if valid_events.null_count == len(valid_events) else {
-        d["values"]: d["counts"] for d in pc.value_counts(valid_events).to_pylist() if d["values"] is not None
-    }
-    return pa.table({"summary": [json.dumps({"rows": events.num_rows, "reasons": counts, "first": first, "events": types})]})
+    types = (
+        {}
+        if valid_events.null_count == len(valid_events)
+        else {
+            d["values"]: d["counts"]
+            for d in pc.value_counts(valid_events).to_pylist()
+            if d["values"] is not None
+        }
+    )
+    return pa.table(
+        {
+            "summary": [
+                json.dumps(
+                    {"rows": events.num_rows, "reasons": counts, "first": first, "events": types}
+                )
+            ]
+        }
+    )
 
 
 def combine(summaries: list[dict]) -> RowStats:
@@ -67,7 +87,9 @@ def combine(summaries: list[dict]) -> RowStats:
         s = json.loads(item["summary"])
         stats.rows_in += s["rows"]
         stats.by_reason.update(s["reasons"])
-        if s["first"] is not None and (stats.first_bad is None or tuple(s["first"][:3]) < stats.first_bad[:3]):
+        if s["first"] is not None and (
+            stats.first_bad is None or tuple(s["first"][:3]) < stats.first_bad[:3]
+        ):
             stats.first_bad = tuple(s["first"])
         stats.event_types.update(s["events"])
     if len(stats.event_types) > MAX_EVENT_TYPES:
@@ -88,14 +110,17 @@ def check_rows(stats: RowStats, spec: LogSpec, max_bad_fraction: float) -> None:
     where = spec.files[file]
     detail = f"first bad row: {describe(reason, spec)}: {_excerpt(raw)}"
     if stats.valid == 0:
-        raise DataError(where, f"no row could be read; {detail}", line=line, hint=_hint(reason, raw, spec))
+        raise DataError(
+            where, f"no row could be read; {detail}", line=line, hint=_hint(reason, raw, spec)
+        )
     if bad / stats.rows_in > max_bad_fraction:
         raise DataError(
             where,
             f"{bad} of {stats.rows_in} rows are bad ({bad / stats.rows_in:.2%}, more than "
             f"--max-bad-fraction {max_bad_fraction:g}); {detail}",
             line=line,
-            hint=_hint(reason, raw, spec) or "see the reasons in the message; raise --max-bad-fraction to accept them",
+            hint=_hint(reason, raw, spec)
+            or "see the reasons in the message; raise --max-bad-fraction to accept them",
         )
 
 
@@ -149,7 +174,9 @@ def vocab_ids(rows: pa.Table) -> pa.Table:
     rows = rows.filter(pc.invert(rows["dropped"]))
     users = pc.unique(rows["user_id"].combine_chunks())
     items = pc.unique(pc.list_flatten(rows["items"].combine_chunks()))
-    return pa.table({
-        "kind": pa.array(["user"] * len(users) + ["item"] * len(items), pa.string()),
-        "id": pa.concat_arrays([users, items]),
-    })
+    return pa.table(
+        {
+            "kind": pa.array(["user"] * len(users) + ["item"] * len(items), pa.string()),
+            "id": pa.concat_arrays([users, items]),
+        }
+    )

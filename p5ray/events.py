@@ -20,8 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MIN_EVAL_LEN = 3
-_ORDER = [("user_id", "ascending"), ("timestamp", "ascending"), ("file", "ascending"),
-          ("line", "ascending"), ("pos", "ascending")]
+_ORDER = [
+    ("user_id", "ascending"),
+    ("timestamp", "ascending"),
+    ("file", "ascending"),
+    ("line", "ascending"),
+    ("pos", "ascending"),
+]
 _DUP_KEYS = ["user_id", "item_id", "timestamp", "rating", "event"]
 
 USER_ROWS = pa.schema(
@@ -44,9 +49,16 @@ SEQUENCES = pa.schema(
         ("events", pa.list_(pa.string())),
     ]
 )
-TRAIN = pa.schema([("user_idx", pa.int32()), ("items", pa.list_(pa.int32())), ("ratings", pa.list_(pa.float32()))])
+TRAIN = pa.schema(
+    [("user_idx", pa.int32()), ("items", pa.list_(pa.int32())), ("ratings", pa.list_(pa.float32()))]
+)
 HELDOUT = pa.schema(
-    [("user_idx", pa.int32()), ("history", pa.list_(pa.int32())), ("target", pa.int32()), ("target_rating", pa.float32())]
+    [
+        ("user_idx", pa.int32()),
+        ("history", pa.list_(pa.int32())),
+        ("target", pa.int32()),
+        ("target_rating", pa.float32()),
+    ]
 )
 PAIRS = pa.schema([("item_a", pa.int32()), ("item_b", pa.int32()), ("count", pa.int32())])
 
@@ -93,7 +105,9 @@ def _starts(user_id: pa.ChunkedArray) -> np.ndarray:
     users = user_id.combine_chunks() if isinstance(user_id, pa.ChunkedArray) else user_id
     if len(users) == 0:
         return np.zeros(0, np.int64)
-    change = pc.not_equal(users.slice(1), users.slice(0, len(users) - 1)).to_numpy(zero_copy_only=False)
+    change = pc.not_equal(users.slice(1), users.slice(0, len(users) - 1)).to_numpy(
+        zero_copy_only=False
+    )
     return np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
 
 
@@ -143,7 +157,11 @@ def split_leave_one_out(seq: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     evaluable = n >= MIN_EVAL_LEN
     train_len = np.where(evaluable, n - 2, n)
     train = pa.table(
-        {"user_idx": seq["user_idx"], "items": list_prefix(items, train_len), "ratings": _prefix_or_null(ratings, train_len)},
+        {
+            "user_idx": seq["user_idx"],
+            "items": list_prefix(items, train_len),
+            "ratings": _prefix_or_null(ratings, train_len),
+        },
         schema=TRAIN,
     )
     sub = seq.filter(pa.array(evaluable))
@@ -181,7 +199,9 @@ def pair_counts(seq: pa.Table, cross_sell_events: tuple[str, ...] | None) -> pa.
     keep = place < lengths[row]
     if cross_sell_events is not None:
         events = pc.list_flatten(_chunk(seq["events"]))
-        keep &= pc.fill_null(pc.is_in(events, value_set=pa.array(cross_sell_events, pa.string())), False).to_numpy(zero_copy_only=False)
+        keep &= pc.fill_null(
+            pc.is_in(events, value_set=pa.array(cross_sell_events, pa.string())), False
+        ).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(items).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
     row = row[keep]
     same = (row[1:] == row[:-1]) & (values[1:] != values[:-1])
@@ -228,9 +248,15 @@ def _chunk(col) -> pa.Array:
 def _positions(lists: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """For every flattened element: its row, and its place inside the row (0-based)."""
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    lengths = np.nan_to_num(lengths).astype(np.int64) if lengths.dtype.kind == "f" else lengths.astype(np.int64)
+    lengths = (
+        np.nan_to_num(lengths).astype(np.int64)
+        if lengths.dtype.kind == "f"
+        else lengths.astype(np.int64)
+    )
     row = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    starts = (
+        np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    )
     return row, np.arange(len(row)) - starts[row]
 
 

@@ -27,9 +27,27 @@ from p5ray.readers import decode
 
 AGE_BUCKETS = ["under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 _AGE_EDGES = [18, 25, 35, 45, 50, 56]
-GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-          "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-          "War", "Western"]
+GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 MOVIELENS_SIDE_FILES = {
     "u.data": ("u.user", "u.item"),
     "ratings.dat": ("users.dat", "movies.dat"),
@@ -59,8 +77,13 @@ def read_table(path: Path, kind: str, id_col: str | None = None) -> FeatureTable
     """A feature table for `kind` ("user" or "item"); DataError if it cannot be read at all."""
     if not path.is_file():
         raise DataError(str(path), "no such feature file", hint=f"check --{kind}-features")
-    readers = {"u.user": _ml100k_users, "u.item": _ml100k_items, "users.dat": _ml1m_users,
-               "movies.dat": _ml_movies, "movies.csv": _ml_movies}
+    readers = {
+        "u.user": _ml100k_users,
+        "u.item": _ml100k_items,
+        "users.dat": _ml1m_users,
+        "movies.dat": _ml_movies,
+        "movies.csv": _ml_movies,
+    }
     name = path.name.removesuffix(".gz")
     if name in readers:
         return readers[name](path)
@@ -81,8 +104,10 @@ def _age_bucket(text: str) -> str | None:
 
 
 def _users(rows, n_fields: int, cols: dict[str, int]) -> FeatureTable:
-    table = FeatureTable(kinds={k: "categorical" for k in ("age", "gender", "occupation", "zip")},
-                         order={"age": AGE_BUCKETS})
+    table = FeatureTable(
+        kinds={k: "categorical" for k in ("age", "gender", "occupation", "zip")},
+        order={"age": AGE_BUCKETS},
+    )
     for name in table.kinds:
         table.values[name] = {}
     for row in rows:
@@ -106,8 +131,11 @@ def _ml1m_users(path: Path) -> FeatureTable:
 
 
 def _items_table() -> FeatureTable:
-    return FeatureTable(values={"genres": {}, "year": {}}, kinds={"genres": MULTI, "year": "categorical"},
-                        order={"genres": GENRES})
+    return FeatureTable(
+        values={"genres": {}, "year": {}},
+        kinds={"genres": MULTI, "year": "categorical"},
+        order={"genres": GENRES},
+    )
 
 
 def _decade(text: str) -> str | None:
@@ -122,7 +150,9 @@ def _ml100k_items(path: Path) -> FeatureTable:
             table.skipped_rows += 1
             continue
         iid = row[0].strip()
-        table.values["genres"][iid] = [g for g, flag in zip(GENRES, row[5:], strict=True) if flag.strip() == "1"]
+        table.values["genres"][iid] = [
+            g for g, flag in zip(GENRES, row[5:], strict=True) if flag.strip() == "1"
+        ]
         table.values["year"][iid] = _decade(row[2])
     return table
 
@@ -139,7 +169,9 @@ def _ml_movies(path: Path) -> FeatureTable:
             table.skipped_rows += 1
             continue
         iid = row[0].strip()
-        table.values["genres"][iid] = [g for g in row[2].split("|") if g and g != "(no genres listed)"]
+        table.values["genres"][iid] = [
+            g for g in row[2].split("|") if g and g != "(no genres listed)"
+        ]
         table.values["year"][iid] = _decade(row[1])
     return table
 
@@ -152,10 +184,16 @@ def _generic(path: Path, kind: str, id_col: str | None) -> FeatureTable:
         elif name.endswith((".jsonl", ".json")):
             frame = pd.read_json(path, lines=True, dtype=False)
         else:
-            frame = pd.read_csv(path, sep="\t" if name.endswith(".tsv") else ",", dtype=str, keep_default_na=False)
+            frame = pd.read_csv(
+                path, sep="\t" if name.endswith(".tsv") else ",", dtype=str, keep_default_na=False
+            )
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataError(str(path), f"cannot read the feature table: {exc}") from exc
-    id_col = id_col if id_col in frame.columns else (f"{kind}_id" if f"{kind}_id" in frame.columns else frame.columns[0])
+    id_col = (
+        id_col
+        if id_col in frame.columns
+        else (f"{kind}_id" if f"{kind}_id" in frame.columns else frame.columns[0])
+    )
     ids = frame[id_col].astype(str).str.strip()
     table = FeatureTable()
     for col in frame.columns:
@@ -169,13 +207,19 @@ def _generic(path: Path, kind: str, id_col: str | None) -> FeatureTable:
 
 def _column_values(series: pd.Series) -> tuple[list, str]:
     if series.map(lambda v: isinstance(v, (list, np.ndarray))).any():
-        return [None if not isinstance(v, (list, np.ndarray)) else [str(x) for x in v] for v in series], MULTI
+        return [
+            None if not isinstance(v, (list, np.ndarray)) else [str(x) for x in v] for v in series
+        ], MULTI
     numeric = pd.to_numeric(series.replace("", np.nan), errors="coerce")
     if numeric.notna().sum() == series.replace("", np.nan).notna().sum() and numeric.nunique() > 20:
         deciles = pd.qcut(numeric, 10, labels=False, duplicates="drop")
         return [None if pd.isna(d) else f"q{int(d) + 1:02d}" for d in deciles], "categorical"
-    return [None if (v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "") else str(v).strip()
-            for v in series], "categorical"
+    return [
+        None
+        if (v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "")
+        else str(v).strip()
+        for v in series
+    ], "categorical"
 
 
 def encode(table: FeatureTable, ids: list[str], previous: dict | None = None) -> tuple[dict, dict]:
@@ -199,5 +243,10 @@ def encode(table: FeatureTable, ids: list[str], previous: dict | None = None) ->
         else:
             col = pa.array([index.get(r, 0) if r is not None else 0 for r in raw], pa.int32())
         columns[f"feat_{name}"] = col
-        entries[name] = {"kind": kind, "column": f"feat_{name}", "cardinality": len(values) + 1, "values": values}
+        entries[name] = {
+            "kind": kind,
+            "column": f"feat_{name}",
+            "cardinality": len(values) + 1,
+            "values": values,
+        }
     return columns, entries

@@ -101,7 +101,9 @@ def parse_lines(lines: pa.Table, spec: LogSpec) -> pa.Table:
 
 def _rejected(lines: pa.Table, reason: str) -> pa.Table:
     n = lines.num_rows
-    return _events(lines["file"], lines["line"], pa.array(np.zeros(n, np.int32)), {}, reason, lines["raw"])
+    return _events(
+        lines["file"], lines["line"], pa.array(np.zeros(n, np.int32)), {}, reason, lines["raw"]
+    )
 
 
 def _events(file, line, pos, typed: dict, reason, raw) -> pa.Table:
@@ -116,9 +118,17 @@ def _events(file, line, pos, typed: dict, reason, raw) -> pa.Table:
     nulls.update(typed)
     if isinstance(reason, str):
         reason = pa.array([reason] * n, pa.string())
-    cols = {"file": file, "line": line, "pos": pos, **nulls, "reason": reason,
-            "raw": pc.utf8_slice_codeunits(raw, 0, RAW_MAX_CHARS)}
-    return pa.table({f.name: pc.cast(cols[f.name], f.type) for f in EVENT_SCHEMA}, schema=EVENT_SCHEMA)
+    cols = {
+        "file": file,
+        "line": line,
+        "pos": pos,
+        **nulls,
+        "reason": reason,
+        "raw": pc.utf8_slice_codeunits(raw, 0, RAW_MAX_CHARS),
+    }
+    return pa.table(
+        {f.name: pc.cast(cols[f.name], f.type) for f in EVENT_SCHEMA}, schema=EVENT_SCHEMA
+    )
 
 
 def _parse_sequence(lines: pa.Table, spec: LogSpec) -> list[pa.Table]:
@@ -263,7 +273,9 @@ def validate(fields: pa.Table, spec: LogSpec) -> pa.Table:
         reason[failed] = code
         bad |= failed
     raw = pc.if_else(_arrow_bool(bad), fields["raw"], pa.scalar(None, pa.string()))
-    return _events(fields["file"], fields["line"], fields["pos"], typed, pa.array(reason, pa.string()), raw)
+    return _events(
+        fields["file"], fields["line"], fields["pos"], typed, pa.array(reason, pa.string()), raw
+    )
 
 
 def _empty(text: pa.Array) -> np.ndarray:
@@ -277,7 +289,9 @@ def _arrow_bool(mask: np.ndarray) -> pa.Array:
 def parse_integers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Decimal text -> int64 values and an ok mask; `1.5e9` is accepted and rounded."""
     values = np.zeros(len(text), np.int64)
-    is_int = pc.fill_null(pc.match_substring_regex(text, _INT_RE), False).to_numpy(zero_copy_only=False)
+    is_int = pc.fill_null(pc.match_substring_regex(text, _INT_RE), False).to_numpy(
+        zero_copy_only=False
+    )
     if is_int.any():
         values[is_int] = pc.cast(text.filter(pa.array(is_int)), pa.int64()).to_numpy()
     floats, is_float = parse_floats(text)
@@ -289,7 +303,9 @@ def parse_integers(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def parse_floats(text: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Decimal text -> float64 values and an ok mask (finite numbers only)."""
     values = np.zeros(len(text), np.float64)
-    ok = pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE), False).to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.match_substring_regex(text, _FLOAT_RE), False).to_numpy(
+        zero_copy_only=False
+    )
     if ok.any():
         values[ok] = pc.cast(text.filter(pa.array(ok)), pa.float64()).to_numpy()
     ok &= np.isfinite(values)

@@ -24,13 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from p5ray import accounting, events, features, outputs, readers, vocab
+from p5ray import accounting, events, features, formats, outputs, readers, vocab
 from p5ray.errors import ClusterError, UserError
 from p5ray.parsers import EVENT_SCHEMA, REASONS, LogSpec, parse_lines
 
@@ -59,7 +58,7 @@ class PrepareOptions:
     short_users: str = "train-only"
     vocab_seed: int | None = None  # None: the --vocab-from seed, else vocab.DEFAULT_SEED
     cross_sell_events: tuple[str, ...] = ("purchase",)  # event types that form cross-sell pairs
-    rating_range: tuple[float, float] | None = None  # None: the format's (MovieLens 0.5..5, Amazon 1..5)
+    rating_range: tuple[float, float] | None = None  # None: the format's (MovieLens 0.5..5, ...)
     chunk_bytes: int = 32 << 20  # bytes of text per read task
     rows_per_bucket: int = 1 << 19  # valid events per user bucket in the group-by
 
@@ -71,18 +70,36 @@ def run(opts: PrepareOptions) -> dict:
     out = Path(opts.out).resolve()
     outputs.check_out(out, opts.overwrite, [opts.input])
     previous = vocab.load_previous(opts.vocab_from) if opts.vocab_from else None
-    columns = {"user": opts.user_col, "item": opts.item_col, "timestamp": opts.time_col,
-               "rating": opts.rating_col, "event": opts.event_col}
-    spec = readers.resolve(opts.input, opts.format, columns, opts.rating_range)
+    columns = {
+        "user": opts.user_col,
+        "item": opts.item_col,
+        "timestamp": opts.time_col,
+        "rating": opts.rating_col,
+        "event": opts.event_col,
+    }
+    spec = formats.resolve(opts.input, opts.format, columns, opts.rating_range)
     ranges = readers.plan_ranges(spec, opts.chunk_bytes)
-    log.info("reading %s as %s: %d file(s), %d read task(s)", opts.input, spec.format, len(spec.files), len(ranges))
+    log.info(
+        "reading %s as %s: %d file(s), %d read task(s)",
+        opts.input,
+        spec.format,
+        len(spec.files),
+        len(ranges),
+    )
     _preflight(spec, ranges, opts)
     with outputs.staging_dir(out, opts.overwrite) as tmp, _ray_session():
         manifest = _prepare(spec, ranges, opts, tmp, previous)
         manifest["elapsed_s"] = round(time.time() - started, 2)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    log.info("prepared %s: %d users, %d items, %d interactions in %.1f s", out, manifest["users"],
-             manifest["items"], manifest["interactions"], manifest["elapsed_s"])
+        text = json.dumps(manifest, indent=2, ensure_ascii=False)
+        (tmp / "manifest.json").write_text(text + "\n")
+    log.info(
+        "prepared %s: %d users, %d items, %d interactions in %.1f s",
+        out,
+        manifest["users"],
+        manifest["items"],
+        manifest["interactions"],
+        manifest["elapsed_s"],
+    )
     return manifest
 
 
@@ -90,9 +107,11 @@ def _check_options(opts: PrepareOptions) -> None:
     if not 0.0 <= opts.max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be between 0 and 1, got {opts.max_bad_fraction}")
     if opts.short_users not in SHORT_USER_POLICIES:
-        raise UserError(f"--short-users must be one of {SHORT_USER_POLICIES}, got {opts.short_users!r}")
-    if opts.format not in readers.FORMATS:
-        raise UserError(f"--format must be one of {readers.FORMATS}, got {opts.format!r}")
+        raise UserError(
+            f"--short-users must be one of {SHORT_USER_POLICIES}, got {opts.short_users!r}"
+        )
+    if opts.format not in formats.FORMATS:
+        raise UserError(f"--format must be one of {formats.FORMATS}, got {opts.format!r}")
 
 
 @contextmanager
@@ -106,7 +125,9 @@ def _ray_session():
         try:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         except ConnectionError as exc:
-            raise ClusterError(f"no Ray cluster reachable: {exc}", hint="check RAY_ADDRESS") from exc
+            raise ClusterError(
+                f"no Ray cluster reachable: {exc}", hint="check RAY_ADDRESS"
+            ) from exc
         started = True
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars
@@ -119,40 +140,106 @@ def _ray_session():
             ray.shutdown()
 
 
-def _prepare(spec, ranges, opts: PrepareOptions, tmp: Path, previous) -> dict:
+def _map(ds, fn, **fn_kwargs):
+    """A Ray Data map of a plain pyarrow-table function over whole blocks."""
+    return ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="pyarrow", batch_size=None)
+
+
+def _batches(ds, batch_size=None):
+    return ds.iter_batches(batch_format="pyarrow", batch_size=batch_size)
+
+
+def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -> dict:
+    """The pipeline (module docstring); writes every file but manifest.json, returns the manifest."""
+    parsed, stats = _read(spec, ranges, opts)
+    _write_quarantine(parsed, spec, tmp)
+    users, counts = _group_by_user(parsed, spec, opts, stats)
+    user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
+    seq = _map(
+        users,
+        events.index_user_rows,
+        user_vocab=pa.array(user_vocab, pa.string()),
+        item_vocab=pa.array(item_vocab, pa.string()),
+    ).materialize()
+    sorted_seq = _batches(seq.sort("user_idx"), batch_size=1 << 14)
+    split = outputs.write_splits(sorted_seq, tmp, len(user_vocab), len(item_vocab))
+    cross_sell = _cross_sell_events(stats, opts, spec)
+    n_pairs = _write_cross_sell(seq, cross_sell, tmp)
+    feats = _write_id_tables(tmp, spec, opts, (user_vocab, item_vocab), split, previous)
+    manifest = {
+        **_row_counts(stats, counts, split),
+        **_description(spec, opts, stats, split),
+        "users": len(user_vocab),
+        "items": len(item_vocab),
+        "cross_sell_events": list(cross_sell) if cross_sell else None,
+        "cross_sell_pairs": n_pairs,
+        **feats,
+        "vocab_seed": seed,
+        "vocab_from": str(Path(opts.vocab_from).resolve()) if opts.vocab_from else None,
+        "new_users": len(user_vocab) - (len(previous.users) if previous else 0),
+        "new_items": len(item_vocab) - (len(previous.items) if previous else 0),
+        "files": {
+            p.relative_to(tmp).as_posix(): outputs.sha256(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        },
+    }
+    return manifest
+
+
+def _write_quarantine(parsed, spec: LogSpec, tmp: Path) -> None:
+    bad = [b.cast(EVENT_SCHEMA) for b in _batches(_map(parsed, _quarantined))]
+    rows = pa.concat_tables([EVENT_SCHEMA.empty_table(), *bad])
+    outputs.write_quarantine(tmp / "quarantine" / "rows.csv", rows, spec.files)
+
+
+def _write_cross_sell(seq, cross_sell_events, tmp: Path) -> int:
+    """Pair counts per block, sorted by key across blocks, merged while written."""
+    partial = _map(seq, events.pair_counts, cross_sell_events=cross_sell_events).materialize()
+    batches = _batches(partial.sort("key"), batch_size=1 << 16) if partial.count() else []
+    return outputs.write_pairs(batches, tmp / "cross_sell.parquet")
+
+
+def _read(spec: LogSpec, ranges, opts: PrepareOptions):
+    """Read + parse every range (materialized once), count rows by reason, judge the bad fraction."""
     import ray
 
-    parsed = (
-        ray.data.read_datasource(LogRanges(ranges, spec), override_num_blocks=len(ranges))
-        .map_batches(parse_lines, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None)
-        .materialize()
-    )
-    stats = accounting.combine(parsed.map_batches(accounting.summarize_events, batch_format="pyarrow", batch_size=None).take_all())
+    source = ray.data.read_datasource(LogRanges(ranges, spec), override_num_blocks=len(ranges))
+    parsed = _map(source, parse_lines, spec=spec).materialize()
+    stats = accounting.combine(_map(parsed, accounting.summarize_events).take_all())
     accounting.check_rows(stats, spec, opts.max_bad_fraction)
-    bad = [b for b in parsed.map_batches(_quarantined, batch_format="pyarrow", batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None)]
-    outputs.write_quarantine(tmp / "quarantine" / "rows.csv", _concat(bad, EVENT_SCHEMA), spec.files)
+    log.info(
+        "read %d rows: %d valid, %d quarantined",
+        stats.rows_in,
+        stats.valid,
+        sum(stats.quarantined.values()),
+    )
+    return parsed, stats
 
+
+def _group_by_user(parsed, spec: LogSpec, opts: PrepareOptions, stats):
+    """Valid events -> one row per user (time-ordered, de-duplicated), grouped by a user hash bucket."""
     roles = tuple(r for r in ("timestamp", "rating", "event") if r in spec.fields)
     n_buckets = max(1, math.ceil(stats.valid / opts.rows_per_bucket))
     users = (
-        parsed.map_batches(events.valid_events_with_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow", batch_size=None)
+        _map(parsed, events.valid_events_with_bucket, n_buckets=n_buckets)
         .groupby("bucket", num_partitions=min(n_buckets, 16))
-        .map_groups(events.order_user_events, fn_kwargs={"roles": roles, "drop_short": opts.short_users == "drop"}, batch_format="pyarrow")
+        .map_groups(
+            events.order_user_events,
+            fn_kwargs={"roles": roles, "drop_short": opts.short_users == "drop"},
+            batch_format="pyarrow",
+        )
         .materialize()
     )
-    counts = _sum_rows(users.map_batches(accounting.summarize_users, batch_format="pyarrow", batch_size=None).take_all())
-    if counts["rows_kept"] == 0:
-        raise UserError(f"{spec.files[0]}: no interactions left after dropping {counts['users_dropped']} short users",
-                        hint="use --short-users train-only")
-    user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
-    seq = users.map_batches(events.index_user_rows, fn_kwargs={"user_vocab": pa.array(user_vocab, pa.string()),
-                            "item_vocab": pa.array(item_vocab, pa.string())}, batch_format="pyarrow", batch_size=None).materialize()
-    written = _write_splits(seq, tmp, len(user_vocab), len(item_vocab))
-    cross_sell = _cross_sell_events(stats, opts, roles)
-    written["cross_sell_pairs"] = _write_cross_sell(seq, tmp, cross_sell)
-    written["cross_sell_events"] = list(cross_sell) if cross_sell else None
-    feats = _write_vocab(tmp, spec, opts, user_vocab, item_vocab, written, previous)
-    return _manifest(spec, opts, stats, counts, written, feats, seed, previous, user_vocab, item_vocab, tmp)
+    rows = _map(users, accounting.summarize_users).take_all()
+    counts = {k: int(sum(r[k] for r in rows)) for k in rows[0]} if rows else {}
+    if not counts.get("rows_kept"):
+        raise UserError(
+            f"{spec.files[0]}: no interactions left after dropping {counts.get('users_dropped', 0)} "
+            "short users",
+            hint="use --short-users train-only",
+        )
+    return users, counts
 
 
 class LogRanges(Datasource):
@@ -162,11 +249,17 @@ class LogRanges(Datasource):
         super().__init__()
         self.ranges, self.spec = ranges, spec
 
-    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism, per_task_row_limit=None, data_context=None
+    ) -> list[ReadTask]:
         spec = self.spec
         return [
-            ReadTask(lambda r=r: readers.read_range(r, spec),
-                     BlockMetadata(num_rows=None, size_bytes=_range_bytes(r), exec_stats=None, input_files=[r.path]))
+            ReadTask(
+                lambda r=r: readers.read_range(r, spec),
+                BlockMetadata(
+                    num_rows=None, size_bytes=_range_bytes(r), exec_stats=None, input_files=[r.path]
+                ),
+            )
             for r in self.ranges
         ]
 
@@ -183,7 +276,10 @@ def _range_bytes(r: readers.ByteRange) -> int:
 
 def _preflight(spec: LogSpec, ranges: list[readers.ByteRange], opts: PrepareOptions) -> None:
     """A small text log is checked here, before Ray starts, so bad input fails in a second."""
-    if any(r.kind != "text" for r in ranges) or sum(_range_bytes(r) for r in ranges) > PREFLIGHT_BYTES:
+    if (
+        any(r.kind != "text" for r in ranges)
+        or sum(_range_bytes(r) for r in ranges) > PREFLIGHT_BYTES
+    ):
         return
     parsed = [parse_lines(t, spec) for r in ranges for t in readers.read_range(r, spec)]
     stats = accounting.combine([accounting.summarize_events(p).to_pylist()[0] for p in parsed])
@@ -194,19 +290,16 @@ def _quarantined(parsed: pa.Table) -> pa.Table:
     return parsed.filter(pc.is_in(parsed["reason"], value_set=pa.array(list(REASONS), pa.string())))
 
 
-def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-
-
-def _sum_rows(rows: list[dict]) -> dict:
-    keys = ("users_kept", "rows_kept", "users_dropped", "rows_dropped_short", "duplicates", "users_eval")
-    return {k: int(sum(r[k] for r in rows)) for k in keys}
-
-
 def _build_vocab(users, opts: PrepareOptions, previous) -> tuple[list[str], list[str], int]:
-    seed = opts.vocab_seed if opts.vocab_seed is not None else (previous.seed if previous else vocab.DEFAULT_SEED)
+    seed = (
+        opts.vocab_seed
+        if opts.vocab_seed is not None
+        else (previous.seed if previous else vocab.DEFAULT_SEED)
+    )
     ids = {"user": set(), "item": set()}
-    for batch in users.map_batches(accounting.vocab_ids, batch_format="pyarrow", batch_size=None).iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in users.map_batches(
+        accounting.vocab_ids, batch_format="pyarrow", batch_size=None
+    ).iter_batches(batch_format="pyarrow", batch_size=None):
         for kind in ids:
             ids[kind].update(batch.filter(pc.equal(batch["kind"], kind))["id"].to_pylist())
     user_vocab = vocab.assign(ids["user"], seed, previous.users if previous else None)
@@ -214,38 +307,10 @@ def _build_vocab(users, opts: PrepareOptions, previous) -> tuple[list[str], list
     return user_vocab, item_vocab, seed
 
 
-def _write_splits(seq, tmp: Path, n_users: int, n_items: int) -> dict:
-    """Sequences and leave-one-out splits in user_idx order; per-user/per-item counts on the way."""
-    n_interactions = np.zeros(n_users + 1, np.int64)
-    train_count = np.zeros(n_items + 1, np.int64)
-    rating_lo, rating_hi, last = math.inf, -math.inf, 0
-    sinks = {name: outputs.ParquetSink(tmp / f"{name}.parquet", schema) for name, schema in
-             (("sequences", events.SEQUENCES), ("train", events.TRAIN), ("valid", events.HELDOUT), ("test", events.HELDOUT))}
-    for batch in seq.sort("user_idx").iter_batches(batch_format="pyarrow", batch_size=1 << 14):
-        idx = batch["user_idx"].to_numpy()
-        if idx[0] <= last or np.any(np.diff(idx) <= 0):
-            raise RuntimeError("sequences arrive out of user_idx order")
-        last = int(idx[-1])
-        items = batch["items"].combine_chunks()
-        n_interactions[idx] = pc.list_value_length(items).to_numpy()
-        ratings = pc.list_flatten(batch["ratings"].combine_chunks())
-        if len(ratings):
-            lo, hi = pc.min_max(ratings).values()
-            rating_lo, rating_hi = min(rating_lo, lo.as_py()), max(rating_hi, hi.as_py())
-        train, valid, test = events.split_leave_one_out(batch)
-        train_count += np.bincount(pc.list_flatten(train["items"]).to_numpy(), minlength=n_items + 1)
-        for name, table in (("sequences", batch), ("train", train), ("valid", valid), ("test", test)):
-            sinks[name].write(table)
-    for sink in sinks.values():
-        sink.close()
-    return {"n_interactions": n_interactions, "train_count": train_count, "users_eval": sinks["valid"].rows,
-            "users_with_rows": sinks["sequences"].rows, "interactions": int(n_interactions.sum()),
-            "rating_min": None if rating_lo == math.inf else float(rating_lo),
-            "rating_max": None if rating_hi == -math.inf else float(rating_hi)}
-
-
-def _cross_sell_events(stats, opts: PrepareOptions, roles) -> tuple[str, ...] | None:
-    if "event" not in roles:
+def _cross_sell_events(stats, opts: PrepareOptions, spec: LogSpec) -> tuple[str, ...] | None:
+    """The event types whose pairs feed cross-sell; None: every event (no event column, or none
+    of the configured types occurs)."""
+    if "event" not in spec.fields:
         return None
     wanted = tuple(e.lower() for e in opts.cross_sell_events)
     if any(e in stats.event_types for e in wanted):
@@ -254,32 +319,27 @@ def _cross_sell_events(stats, opts: PrepareOptions, roles) -> tuple[str, ...] | 
     return None
 
 
-def _write_cross_sell(seq, tmp: Path, cross_sell_events) -> int:
-    partial = seq.map_batches(events.pair_counts, fn_kwargs={"cross_sell_events": cross_sell_events},
-                              batch_format="pyarrow", batch_size=None).materialize()
-    with outputs.ParquetSink(tmp / "cross_sell.parquet", events.PAIRS) as sink:
-        if partial.count():
-            batches = partial.sort("key").iter_batches(batch_format="pyarrow", batch_size=1 << 16)
-            for table in events.merge_sorted_counts(batches):
-                sink.write(table)
-    return sink.rows
-
-
-def _write_vocab(tmp, spec, opts, user_vocab, item_vocab, written, previous) -> dict:
-    user_path, item_path = _feature_paths(spec, opts)
+def _write_id_tables(tmp: Path, spec, opts, vocabs, split: outputs.SplitCounts, previous) -> dict:
+    """users.parquet and items.parquet with their feature columns; returns the manifest entries."""
+    paths = _feature_paths(spec, opts)
     out = {"user_features": {}, "item_features": {}, "feature_rows_skipped": 0}
-    for kind, ids, path, counts in (("user", user_vocab, user_path, ("n_interactions", pa.int32())),
-                                    ("item", item_vocab, item_path, ("train_count", pa.int64()))):
-        cols = {f"{kind}_idx": pa.array(np.arange(1, len(ids) + 1), pa.int32()), f"{kind}_id": pa.array(ids, pa.string()),
-                counts[0]: pa.array(written[counts[0]][1:], counts[1])}
+    count_cols = (
+        ("n_interactions", split.n_interactions[1:], pa.int32()),
+        ("train_count", split.train_count[1:], pa.int64()),
+    )
+    for kind, ids, path, count, id_col in zip(
+        ("user", "item"), vocabs, paths, count_cols, (opts.user_col, opts.item_col), strict=True
+    ):
+        feature_cols = {}
         if path is not None:
-            table = features.read_table(Path(path), kind, opts.user_col if kind == "user" else opts.item_col)
-            feature_cols, entries = features.encode(table, ids, previous.features.get(kind) if previous else None)
-            cols.update(feature_cols)
-            out[f"{kind}_features"] = entries
+            table = features.read_table(Path(path), kind, id_col)
+            old = previous.features.get(kind) if previous else None
+            feature_cols, out[f"{kind}_features"] = features.encode(table, ids, old)
             out["feature_rows_skipped"] += table.skipped_rows
-            log.info("%s features from %s: %s", kind, path, ", ".join(entries) or "none")
-        outputs.write_table(tmp / f"{kind}s.parquet", pa.table(cols))
+            log.info(
+                "%s features from %s: %s", kind, path, ", ".join(out[f"{kind}_features"]) or "none"
+            )
+        outputs.write_id_table(tmp / f"{kind}s.parquet", kind, ids, count, feature_cols)
     return out
 
 
@@ -291,44 +351,44 @@ def _feature_paths(spec, opts: PrepareOptions):
     return user_path, item_path
 
 
-def _manifest(spec, opts, stats, counts, written, feats, seed, previous, user_vocab, item_vocab, tmp) -> dict:
+def _row_counts(stats, counts: dict, split: outputs.SplitCounts) -> dict:
+    """The SPEC's accounting: rows_in = rows_kept + rows_quarantined + rows_dropped, exactly."""
     quarantined = stats.quarantined
-    dropped = {"blank_line": stats.blank, "duplicate": counts["duplicates"], "short_user": counts["rows_dropped_short"]}
-    manifest = {
+    dropped = {
+        "blank_line": stats.blank,
+        "duplicate": counts["duplicates"],
+        "short_user": counts["rows_dropped_short"],
+    }
+    out = {
         "format_version": FORMAT_VERSION,
-        "source": [str(Path(f).resolve()) for f in spec.files],
-        "format": spec.format,
-        "format_note": spec.note,
         "rows_in": stats.rows_in,
-        "rows_kept": written["interactions"],
+        "rows_kept": split.interactions,
         "rows_quarantined": sum(quarantined.values()),
         "rows_dropped": sum(dropped.values()),
         "quarantined_by_reason": quarantined,
         "dropped_by_reason": dropped,
-        "users": len(user_vocab),
-        "items": len(item_vocab),
-        "interactions": written["interactions"],
-        "users_eval": written["users_eval"],
-        "users_train_only": written["users_with_rows"] - written["users_eval"],
+        "interactions": split.interactions,
+        "users_eval": split.users_eval,
+        "users_train_only": split.users_with_rows - split.users_eval,
         "users_dropped": counts["users_dropped"],
+    }
+    if counts["rows_kept"] != split.interactions or out["rows_in"] != (
+        out["rows_kept"] + out["rows_quarantined"] + out["rows_dropped"]
+    ):
+        raise RuntimeError(f"row accounting does not add up: {out}, {counts}")
+    return out
+
+
+def _description(spec: LogSpec, opts: PrepareOptions, stats, split: outputs.SplitCounts) -> dict:
+    return {
+        "source": [str(Path(f).resolve()) for f in spec.files],
+        "format": spec.format,
+        "format_note": spec.note,
         "short_users": opts.short_users,
         "has_ratings": "rating" in spec.fields,
-        "rating_min": written["rating_min"],
-        "rating_max": written["rating_max"],
+        "rating_min": split.rating_min,
+        "rating_max": split.rating_max,
         "has_timestamps": "timestamp" in spec.fields,
         "has_events": "event" in spec.fields,
         "event_types": dict(sorted(stats.event_types.items())),
-        "cross_sell_events": written["cross_sell_events"],
-        "cross_sell_pairs": written["cross_sell_pairs"],
-        **feats,
-        "vocab_seed": seed,
-        "vocab_from": str(Path(opts.vocab_from).resolve()) if opts.vocab_from else None,
-        "new_users": len(user_vocab) - (len(previous.users) if previous else 0),
-        "new_items": len(item_vocab) - (len(previous.items) if previous else 0),
-        "files": {p.relative_to(tmp).as_posix(): outputs.sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
     }
-    if counts["rows_kept"] != written["interactions"] or manifest["rows_in"] != (
-        manifest["rows_kept"] + manifest["rows_quarantined"] + manifest["rows_dropped"]
-    ):
-        raise RuntimeError(f"row accounting does not add up: {manifest}")
-    return manifest

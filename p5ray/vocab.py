@@ -35,7 +35,9 @@ class PreviousVocab:
 
 def id_hash(ident: str, seed: int) -> int:
     key = seed.to_bytes(8, "little", signed=False)
-    return int.from_bytes(hashlib.blake2b(ident.encode("utf-8"), digest_size=8, key=key).digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(ident.encode("utf-8"), digest_size=8, key=key).digest(), "big"
+    )
 
 
 def assign(ids: Iterable[str], seed: int, known: list[str] | None = None) -> list[str]:
@@ -51,14 +53,19 @@ def load_previous(directory: str) -> PreviousVocab:
     root = Path(directory)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise DataError(str(root), "not a prepared data directory (no manifest.json)", hint="check --vocab-from")
+        raise DataError(
+            str(root), "not a prepared data directory (no manifest.json)", hint="check --vocab-from"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as exc:
         raise DataError(str(manifest_path), f"unreadable manifest: {exc}") from exc
     users = _ids(root / "users.parquet", "user")
     items = _ids(root / "items.parquet", "item")
-    features = {"user": manifest.get("user_features", {}), "item": manifest.get("item_features", {})}
+    features = {
+        "user": manifest.get("user_features", {}),
+        "item": manifest.get("item_features", {}),
+    }
     return PreviousVocab(users, items, int(manifest.get("vocab_seed", DEFAULT_SEED)), features)
 
 
