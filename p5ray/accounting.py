@@ -102,7 +102,12 @@ def check_rows(stats: RowStats, spec: LogSpec, max_bad_fraction: float) -> None:
     first_file = spec.files[0] if spec.files else "input"
     if stats.rows_in - stats.blank == 0:
         what = "header only" if spec.header else "only blank lines"
-        raise DataError(first_file, f"no data rows ({what})", line=2 if spec.header else None)
+        raise DataError(
+            first_file,
+            f"no data rows ({what})",
+            line=2 if spec.header else None,
+            hint="the log needs at least one interaction",
+        )
     bad = sum(stats.quarantined.values())
     if bad == 0:
         return

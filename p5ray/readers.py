@@ -52,10 +52,14 @@ def read_head(path: Path, nbytes: int = HEAD_BYTES) -> bytes:
     if magic == PARQUET_MAGIC:
         return head
     if not head.removeprefix(BOM).strip():
-        raise DataError(str(path), "empty file: no rows to read")
+        raise DataError(str(path), "empty file: no rows to read", hint="check --input")
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(str(path), "UTF-16 text is not supported", hint="convert the file to UTF-8")
     if b"\x00" in head:
         line = head[: head.index(b"\x00")].count(b"\n") + 1
-        raise DataError(str(path), "binary data (NUL byte), not a text log", line=line)
+        raise DataError(
+            str(path), "binary data (NUL byte), not a text log", line=line, hint="check --input"
+        )
     return head
 
 

@@ -41,6 +41,7 @@ def test_auto_on_the_bundled_data():
         (b"", "auto", "empty file"),
         (b"\xef\xbb\xbf\n\n", "auto", "empty file"),
         (b"u1,i1\x00\x01\x02,1\n", "auto", "binary data"),
+        ("user_id,item_id\n".encode("utf-16"), "auto", "UTF-16"),
         (b"user_id\titem_id\ttimestamp\nu1\ti1\t1\n", "csv", "looks tab-separated"),
         (b"a,b,c\n1,2,3\n", "auto", "cannot tell the format"),
     ],
