@@ -89,6 +89,20 @@ def _add_prepare(sub) -> None:
         default="train-only",
         help="users with fewer than 3 interactions: keep for training only, or drop",
     )
+    p.add_argument(
+        "--cross-sell-events",
+        default="purchase",
+        metavar="TYPES",
+        help="comma-separated event types whose consecutive pairs feed cross-sell (default: purchase)",
+    )
+    p.add_argument(
+        "--rating-range",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="ratings outside [LO, HI] are quarantined (default: MovieLens 0.5 5, Amazon 1 5, else any)",
+    )
+    p.add_argument("--vocab-seed", type=int, help="seed of the id numbering hash (default 42)")
     p.set_defaults(run=_run_prepare)
 
 
@@ -110,6 +124,9 @@ def _run_prepare(args) -> int:
         rating_col=args.rating_col,
         event_col=args.event_col,
         short_users=args.short_users,
+        cross_sell_events=tuple(e.strip() for e in args.cross_sell_events.split(",") if e.strip()),
+        rating_range=tuple(args.rating_range) if args.rating_range else None,
+        vocab_seed=args.vocab_seed,
     )
     manifest = prepare.run(opts)
     summary = {k: manifest[k] for k in ("users", "items", "interactions", "rows_in", "rows_quarantined")}
