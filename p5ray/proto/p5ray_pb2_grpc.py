@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from p5ray.proto import p5ray_pb2 as p5ray__pb2
+from p5ray.proto import p5ray_pb2 as p5ray_dot_proto_dot_p5ray__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in p5ray_pb2_grpc.py depends on'
+        + ' but the generated code in p5ray/proto/p5ray_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class RecommenderStub:
         """
         self.Recommend = channel.unary_unary(
                 '/p5ray.v1.Recommender/Recommend',
-                request_serializer=p5ray__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=p5ray__pb2.RecommendResponse.FromString,
+                request_serializer=p5ray_dot_proto_dot_p5ray__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RecommendResponse.FromString,
                 _registered_method=True)
         self.Recall = channel.unary_unary(
                 '/p5ray.v1.Recommender/Recall',
-                request_serializer=p5ray__pb2.RecallRequest.SerializeToString,
-                response_deserializer=p5ray__pb2.ItemsResponse.FromString,
+                request_serializer=p5ray_dot_proto_dot_p5ray__pb2.RecallRequest.SerializeToString,
+                response_deserializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
                 _registered_method=True)
         self.Rank = channel.unary_unary(
                 '/p5ray.v1.Recommender/Rank',
-                request_serializer=p5ray__pb2.RankRequest.SerializeToString,
-                response_deserializer=p5ray__pb2.ItemsResponse.FromString,
+                request_serializer=p5ray_dot_proto_dot_p5ray__pb2.RankRequest.SerializeToString,
+                response_deserializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
                 _registered_method=True)
         self.CrossSell = channel.unary_unary(
                 '/p5ray.v1.Recommender/CrossSell',
-                request_serializer=p5ray__pb2.CrossSellRequest.SerializeToString,
-                response_deserializer=p5ray__pb2.ItemsResponse.FromString,
+                request_serializer=p5ray_dot_proto_dot_p5ray__pb2.CrossSellRequest.SerializeToString,
+                response_deserializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
                 _registered_method=True)
         self.PredictRating = channel.unary_unary(
                 '/p5ray.v1.Recommender/PredictRating',
-                request_serializer=p5ray__pb2.RatingRequest.SerializeToString,
-                response_deserializer=p5ray__pb2.RatingResponse.FromString,
+                request_serializer=p5ray_dot_proto_dot_p5ray__pb2.RatingRequest.SerializeToString,
+                response_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RatingResponse.FromString,
                 _registered_method=True)
 
 
@@ -104,28 +104,28 @@ def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Recommend': grpc.unary_unary_rpc_method_handler(
                     servicer.Recommend,
-                    request_deserializer=p5ray__pb2.RecommendRequest.FromString,
-                    response_serializer=p5ray__pb2.RecommendResponse.SerializeToString,
+                    request_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RecommendRequest.FromString,
+                    response_serializer=p5ray_dot_proto_dot_p5ray__pb2.RecommendResponse.SerializeToString,
             ),
             'Recall': grpc.unary_unary_rpc_method_handler(
                     servicer.Recall,
-                    request_deserializer=p5ray__pb2.RecallRequest.FromString,
-                    response_serializer=p5ray__pb2.ItemsResponse.SerializeToString,
+                    request_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RecallRequest.FromString,
+                    response_serializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.SerializeToString,
             ),
             'Rank': grpc.unary_unary_rpc_method_handler(
                     servicer.Rank,
-                    request_deserializer=p5ray__pb2.RankRequest.FromString,
-                    response_serializer=p5ray__pb2.ItemsResponse.SerializeToString,
+                    request_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RankRequest.FromString,
+                    response_serializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.SerializeToString,
             ),
             'CrossSell': grpc.unary_unary_rpc_method_handler(
                     servicer.CrossSell,
-                    request_deserializer=p5ray__pb2.CrossSellRequest.FromString,
-                    response_serializer=p5ray__pb2.ItemsResponse.SerializeToString,
+                    request_deserializer=p5ray_dot_proto_dot_p5ray__pb2.CrossSellRequest.FromString,
+                    response_serializer=p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.SerializeToString,
             ),
             'PredictRating': grpc.unary_unary_rpc_method_handler(
                     servicer.PredictRating,
-                    request_deserializer=p5ray__pb2.RatingRequest.FromString,
-                    response_serializer=p5ray__pb2.RatingResponse.SerializeToString,
+                    request_deserializer=p5ray_dot_proto_dot_p5ray__pb2.RatingRequest.FromString,
+                    response_serializer=p5ray_dot_proto_dot_p5ray__pb2.RatingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,8 +153,8 @@ class Recommender:
             request,
             target,
             '/p5ray.v1.Recommender/Recommend',
-            p5ray__pb2.RecommendRequest.SerializeToString,
-            p5ray__pb2.RecommendResponse.FromString,
+            p5ray_dot_proto_dot_p5ray__pb2.RecommendRequest.SerializeToString,
+            p5ray_dot_proto_dot_p5ray__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class Recommender:
             request,
             target,
             '/p5ray.v1.Recommender/Recall',
-            p5ray__pb2.RecallRequest.SerializeToString,
-            p5ray__pb2.ItemsResponse.FromString,
+            p5ray_dot_proto_dot_p5ray__pb2.RecallRequest.SerializeToString,
+            p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -207,8 +207,8 @@ class Recommender:
             request,
             target,
             '/p5ray.v1.Recommender/Rank',
-            p5ray__pb2.RankRequest.SerializeToString,
-            p5ray__pb2.ItemsResponse.FromString,
+            p5ray_dot_proto_dot_p5ray__pb2.RankRequest.SerializeToString,
+            p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +234,8 @@ class Recommender:
             request,
             target,
             '/p5ray.v1.Recommender/CrossSell',
-            p5ray__pb2.CrossSellRequest.SerializeToString,
-            p5ray__pb2.ItemsResponse.FromString,
+            p5ray_dot_proto_dot_p5ray__pb2.CrossSellRequest.SerializeToString,
+            p5ray_dot_proto_dot_p5ray__pb2.ItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class Recommender:
             request,
             target,
             '/p5ray.v1.Recommender/PredictRating',
-            p5ray__pb2.RatingRequest.SerializeToString,
-            p5ray__pb2.RatingResponse.FromString,
+            p5ray_dot_proto_dot_p5ray__pb2.RatingRequest.SerializeToString,
+            p5ray_dot_proto_dot_p5ray__pb2.RatingResponse.FromString,
             options,
             channel_credentials,
             insecure,
