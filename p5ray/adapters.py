@@ -111,10 +111,6 @@ def make_api(title: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     return api
 
 
-def http_error(exc: P5RayError) -> HTTPException:
-    return HTTPException(exc.http_status, exc.one_line())
-
-
 # -- gRPC ---------------------------------------------------------------------------------------
 
 

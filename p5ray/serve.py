@@ -23,7 +23,6 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from p5ray import checkpoint as ckpt
 from p5ray.adapters import answer_grpc, make_api, to_domain
 from p5ray.errors import NotFoundError, P5RayError
 from p5ray.proto import p5ray_pb2 as pb
@@ -280,8 +279,10 @@ def build_app(args: AppArgs):
     """The Serve application for `args.tasks` (typed builder: serve/config.yaml `args:`)."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
+    from p5ray.checkpoint import read_meta  # here: the ingress replicas never import torch
+
     checkpoint = os.path.abspath(args.checkpoint)
-    ckpt.read_meta(checkpoint)  # fail at deploy time with one clear line, not in every replica
+    read_meta(checkpoint)  # fail at deploy time with one clear line, not in every replica
     bound = {}
     for task in dict.fromkeys(args.tasks):
         kwargs = {"torch_threads": args.torch_threads}
