@@ -272,34 +272,35 @@ def catalog_scaling(sizes: list[int], repeats: int = 30) -> list[dict]:
 
 
 def run_all(args) -> dict:
+    """Both servers up at once; each (route, concurrency) runs bare, Serve HTTP, Serve gRPC back to
+    back, so a change in background load hits all three alike."""
     shape = {"items": BEAUTY["items"], "users": BEAUTY["users"]}
-    tmp = tempfile.mkdtemp(prefix="p5ray-bench-")
-    checkpoint = args.checkpoint or str(synthetic_checkpoint(Path(tmp) / "beauty", **shape))
-    if args.checkpoint:
+    checkpoint, tasks = args.checkpoint, ["recall", "rank", "cross_sell", "rating"]
+    if checkpoint:
         from p5ray.checkpoint import read_meta
 
-        spec = read_meta(checkpoint)["spec"]
-        shape = {"items": spec["num_items"], "users": spec["num_users"]}
+        meta = read_meta(checkpoint)
+        shape = {"items": meta["spec"]["num_items"], "users": meta["spec"]["num_users"]}
+        tasks = meta["spec"]["tasks"]
+    else:
+        checkpoint = str(synthetic_checkpoint(Path(tempfile.mkdtemp(prefix="p5ray-bench-")) / "beauty", **shape))
+    routes = [r for r in args.routes if r == "recommend" or r.replace("-", "_") in tasks]
+    plan = [(r, c) for r in routes for c in (args.concurrency if r == "recommend" else [args.task_concurrency])]
     results = []
-
-    def record(server: str, protocol: str, route: str, concurrency: int, numbers: dict):
-        results.append({"server": server, "protocol": protocol, "route": route, "concurrency": concurrency, **numbers})
-        print(json.dumps(results[-1]), flush=True)
-
-    plan = [("recommend", c) for c in args.concurrency] + [(r, args.task_concurrency) for r in ROUTES[1:]]
     bare, bare_url = start_bare(checkpoint)
     try:
+        url, target = start_serve(checkpoint, args.batch)
+        targets = (("bare", "http", http_load, bare_url), ("serve", "http", http_load, url), ("serve", "grpc", grpc_load, target))
         for route, c in plan:
-            record("bare", "http", route, c, asyncio.run(http_load(bare_url, route, c, args.duration, shape)))
+            for server, protocol, load, address in targets:
+                numbers = asyncio.run(load(address, route, c, args.duration, shape))
+                results.append({"server": server, "protocol": protocol, "route": route, "concurrency": c, **numbers})
+                print(json.dumps(results[-1]), flush=True)
     finally:
         bare.terminate()
         bare.wait()
-    url, target = start_serve(checkpoint, args.batch)
-    for route, c in plan:
-        record("serve", "http", route, c, asyncio.run(http_load(url, route, c, args.duration, shape)))
-        record("serve", "grpc", route, c, asyncio.run(grpc_load(target, route, c, args.duration, shape)))
-    return {"machine": f"{platform.node()} {os.cpu_count()} CPUs {platform.processor() or platform.machine()}",
-            "date": time.strftime("%Y-%m-%d %H:%M"), "model": checkpoint if args.checkpoint else f"synthetic Beauty-shaped ({shape})",
+    return {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, load average at end {os.getloadavg()[0]:.1f}",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.checkpoint or f"synthetic Beauty-shaped {shape}",
             "duration_s": args.duration, "recall_batch": args.batch, "results": results}
 
 
@@ -309,6 +310,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10, help="seconds per (server, protocol, route, concurrency)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients for /v1/recommend")
     parser.add_argument("--task-concurrency", type=int, default=4, help="clients for each task route")
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--batch", type=int, default=8, help="Recall @serve.batch max size (1: no batching)")
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--catalog", type=int, nargs="*", help="time recall on synthetic catalogs of these sizes instead")
