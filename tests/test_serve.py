@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import schemathesis
 import yaml
+from hypothesis import HealthCheck, given, settings
 
 from p5ray import server
 from p5ray.inference import Recommender as Core
@@ -253,6 +255,25 @@ def test_body_over_limit_is_413(served):
 
 
 @pytest.mark.slow
+def test_fuzz_over_the_openapi_schema_finds_no_500(served):
+    """schemathesis: generated bodies (valid and not) for every operation; no answer is a 5xx."""
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 6
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def call(case):
+            case.call_and_validate(base_url=served.url, checks=[not_a_server_error])
+
+        call()
+
+
+@pytest.mark.slow
 def test_still_healthy_after_bad_requests(served):
     from ray import serve
 
@@ -296,6 +317,12 @@ def test_overload_is_503_and_unavailable_never_500(served):
     assert set(rpc) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE} and grpc.StatusCode.UNAVAILABLE in rpc
 
 
+def replica_actors() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]}
+
+
 @pytest.mark.slow
 def test_hot_swap_under_concurrent_requests_fails_none(served):
     stop = threading.Event()
@@ -316,6 +343,8 @@ def test_hot_swap_under_concurrent_requests_fails_none(served):
                 except Exception as exc:  # noqa: BLE001 - every failure is counted
                     failures.append(repr(exc))
 
+    replicas_before = replica_actors()
+    assert len(replicas_before) == 7  # p5ray: ingress + 4 tasks; rating: ingress + Rating
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
@@ -334,4 +363,5 @@ def test_hot_swap_under_concurrent_requests_fails_none(served):
         for t in threads:
             t.join()
     assert failures == []
+    assert replica_actors() == replicas_before  # reconfigured in place: no replica restarted
     assert versions[0] == "model-a" and versions[-1] == "model-b" and set(versions) == {"model-a", "model-b"}
