@@ -13,8 +13,6 @@ duration; it reports throughput and p50/p95/p99 latency, and every non-200 / non
 beside the bare matrix-product + top-k it cannot avoid, to show serving adds no per-item cost.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import json
@@ -123,11 +121,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 600) -> None:
+def wait_http(url: str, timeout_s: float = 600, process: subprocess.Popen | None = None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {process.returncode}")
         try:
             if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
@@ -140,9 +140,9 @@ def wait_http(url: str, timeout_s: float = 600) -> None:
 def start_bare(checkpoint: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, __file__, "--bare-server", checkpoint, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url)
+    wait_http(url, process=process)
     return process, url
 
 
@@ -197,7 +197,9 @@ async def http_load(url: str, route: str, concurrency: int, duration: float, sha
                 latencies.append(time.perf_counter() - t) if ok else None
                 errors += not ok
 
-        await client.get("/healthz")
+        first = await client.post(f"/v1/{route}", json=make_request(route, np.random.default_rng(), **shape))
+        if first.status_code != 200:
+            raise RuntimeError(f"{url}/v1/{route} answered {first.status_code}: {first.text[:200]}")
         stop = time.perf_counter() + duration
         await asyncio.gather(*(worker(s) for s in range(concurrency)))
     return summary(latencies, errors, duration)
