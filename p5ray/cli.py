@@ -199,6 +199,50 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = _verb(
+        sub,
+        "serve",
+        "Serve a checkpoint with Ray Serve: the combined app p5ray (/v1/recommend, /v1/recall, /v1/rank, "
+        "/v1/cross-sell, /v1/rating) and per-task apps, over HTTP and gRPC; prints `http: URL` and "
+        "`grpc: HOST:PORT` once ready and blocks until Ctrl-C / SIGTERM.",
+        "p5ray serve --checkpoint runs/NAME/checkpoint_epoch_0040 --http-port 8000 --grpc-port 9000",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (printed by `p5ray train`)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (gRPC binds all interfaces: see README)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--replicas", type=int, help="replicas per task deployment (default 1)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from p5ray import server
+
+    return server.run(args.checkpoint, args.host, args.http_port, args.grpc_port, args.replicas)
+
+
+def _add_recommend(sub) -> None:
+    p = _verb(
+        sub,
+        "recommend",
+        "Ask a running `p5ray serve` for a user's recommendations (POST /v1/recommend); prints a table.",
+        "p5ray recommend --user 196 --k 10",
+    )
+    p.add_argument("--user", required=True, help="user id (unknown users get the cold-start answer)")
+    p.add_argument("--k", type=int, default=10, help="how many items, 1..1000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--history", nargs="*", default=[], metavar="ITEM", help="recent item ids, oldest first")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.set_defaults(run=_run_recommend)
+
+
+def _run_recommend(args) -> int:
+    from p5ray import server
+
+    return server.recommend(args.user, args.k, args.url, args.history, raw=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p5ray",
@@ -213,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERBS = [_add_prepare, _add_train, _add_evaluate]
+VERBS = [_add_prepare, _add_train, _add_evaluate, _add_serve, _add_recommend]
 
 
 def _setup_logging(args) -> None:

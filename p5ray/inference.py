@@ -20,11 +20,8 @@ import torch
 
 from p5ray import checkpoint as ckpt
 from p5ray.errors import InvalidRequestError, NotFoundError
+from p5ray.schemas import MAX_CANDIDATES, MAX_HISTORY, MAX_K
 from p5ray.scoring import topk_full, user_states
-
-MAX_K = 1000
-MAX_HISTORY = 10_000
-MAX_CANDIDATES = 10_000
 
 
 @dataclass
@@ -218,18 +215,26 @@ class Recommender:
             raise NotFoundError(f"this model was not trained for the {task} task")
 
     # -- the combined path ------------------------------------------------------------------
-    def recommend(self, user_id: str | None, history: Sequence[str] | None = None, k: int = 10, candidates: int = 100) -> Recommendation:
-        """recall (top max(k, candidates)) -> rank -> top k, plus cross-sell for the top items."""
-        k = check_k(k)
+    def cross_sell_after(self, user_id: str | None, history: Sequence[str] | None, items: Sequence[str], k: int = 10, anchors: int = 3) -> Scored:
+        """Cross-sell for a recommendation: anchored on its first `anchors` items, excluding the
+        user's history and every recommended item (so the two lists never overlap)."""
         ctx = self.resolve(user_id, history)
+        known, _ = self._lookup(list(items))
+        exclude = np.concatenate([ctx.history, np.asarray(known, dtype=np.int64)])
+        return self.cross_sell(list(items[:anchors]), k, exclude)
+
+    def recommend(self, user_id: str | None, history: Sequence[str] | None = None, k: int = 10, candidates: int = 100) -> Recommendation:
+        """recall (top max(k, candidates)) -> rank -> top k, plus cross-sell for the top items.
+
+        The Serve ingress composes the same three calls over DeploymentHandles; keep them in step.
+        """
+        k = check_k(k)
         recalled = self.recall(user_id, history, max(k, candidates))
-        if recalled.cold_start or "rank" not in self.tasks:
-            items = recalled.items[:k]
-        else:
-            ranked = self.rank(user_id, history, [i for i, _ in recalled.items])
-            items = ranked.items[:k]
+        items = recalled.items
+        if not recalled.cold_start and "rank" in self.tasks and items:
+            items = self.rank(user_id, history, [i for i, _ in items]).items
+        items = items[:k]
         cross: list[tuple[str, float]] = []
         if "cross_sell" in self.tasks and items:
-            exclude = np.concatenate([ctx.history, [self.item_index[i] for i, _ in items]]).astype(np.int64)
-            cross = self.cross_sell([i for i, _ in items[:3]], k, exclude).items
-        return Recommendation(items, cross, recalled.cold_start, ctx.ignored, self.model_version)
+            cross = self.cross_sell_after(user_id, history, [i for i, _ in items], k).items
+        return Recommendation(items, cross, recalled.cold_start, recalled.ignored, self.model_version)

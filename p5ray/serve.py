@@ -1,0 +1,295 @@
+"""Ray Serve: one deployment per task, and the Recommender ingress over HTTP and gRPC.
+
+    Recommender   ingress: FastAPI routes + p5ray.v1 gRPC methods, one core method per task
+      ├── Recall      top-k over the whole catalog, seen items excluded (@serve.batch)
+      ├── Rank        a candidate list sorted by click / purchase probability
+      ├── CrossSell   items to sell with given items
+      └── Rating      the rating a user would give an item
+
+`build_app(AppArgs)` binds the ingress to the task deployments it is given: all four make the
+combined application "p5ray" (`/v1/recommend` = recall -> rank -> cross-sell); one makes a
+per-task application ("recall", "rank", "cross_sell", "rating"). Task deployments load the
+checkpoint named in their user_config, `{"checkpoint": PATH}`; a new path swaps the weights in
+place (reconfigure, no replica restart), and every answer names its `model_version`.
+"""
+
+import asyncio
+import logging
+import os
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from p5ray.adapters import answer_grpc, make_api, to_domain
+from p5ray.errors import NotFoundError, P5RayError
+from p5ray.proto import p5ray_pb2 as pb
+from p5ray.schemas import (
+    CANDIDATES,
+    CrossSellRequest,
+    ItemsResponse,
+    RankRequest,
+    RatingRequest,
+    RatingResponse,
+    RecallRequest,
+    RecommendRequest,
+    RecommendResponse,
+    scored,
+)
+from p5ray.tasks import BY_NAME, TASK_NAMES
+
+log = logging.getLogger(__name__)
+
+COMBINED = "p5ray"
+TaskName = Literal["recall", "rank", "cross_sell", "rating"]
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of an application in serve/config.yaml)."""
+
+    checkpoint: str = Field(description="checkpoint directory (printed by `p5ray train`)")
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES), min_length=1)
+    replicas: int | None = Field(None, ge=1, description="fixed replicas per task deployment (default: 1, or the config's autoscaling)")
+    replica_cpus: float = Field(0.5, ge=0, description="logical CPUs reserved per task replica")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per task replica")
+    recall_max_batch_size: int = Field(8, ge=1, description="@serve.batch size of Recall (1: off)")
+    recall_batch_wait_s: float = Field(0.002, ge=0)
+
+
+# -- task deployments ---------------------------------------------------------------------------
+
+
+class TaskModel:
+    """Base of the task deployments: the serving core, loaded from user_config and swapped whole."""
+
+    def __init__(self, torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.core = None
+
+    async def reconfigure(self, config: dict) -> None:
+        from p5ray.inference import Recommender as Core
+
+        core = await asyncio.to_thread(Core, config["checkpoint"])  # old weights keep answering
+        self.core = core
+        log.info("%s serves model %s from %s", type(self).__name__, core.model_version, core.path)
+
+    def check_health(self) -> None:
+        if self.core is None:
+            raise RuntimeError("no model loaded")
+
+    def version(self) -> str:
+        return self.core.model_version
+
+
+def items_response(core, answer) -> ItemsResponse:
+    return ItemsResponse(items=scored(answer.items), cold_start=answer.cold_start, ignored=answer.ignored, model_version=core.model_version)
+
+
+def recall_all(core, requests: list[RecallRequest]) -> list:
+    """One batch; a request the core refuses fails alone (its error is returned in its place)."""
+    try:
+        return [items_response(core, a) for a in core.recall_many([(r.user_id, r.history, r.k) for r in requests])]
+    except P5RayError:
+        out = []
+        for r in requests:
+            try:
+                out.append(items_response(core, core.recall(r.user_id, r.history, r.k)))
+            except P5RayError as exc:
+                out.append(exc)
+        return out
+
+
+@serve.deployment(name="Recall", max_ongoing_requests=16, max_queued_requests=64)
+class Recall(TaskModel):
+    def __init__(self, torch_threads: int = 1, max_batch_size: int = 8, batch_wait_s: float = 0.002):
+        super().__init__(torch_threads)
+        self.recall_batch.set_max_batch_size(max_batch_size)
+        self.recall_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    async def recall(self, request: RecallRequest) -> ItemsResponse:
+        answer = await self.recall_batch(request)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def recall_batch(self, requests: list[RecallRequest]) -> list:
+        return await asyncio.to_thread(recall_all, self.core, requests)
+
+
+@serve.deployment(name="Rank", max_ongoing_requests=8, max_queued_requests=64)
+class Rank(TaskModel):
+    def rank(self, request: RankRequest) -> ItemsResponse:
+        core = self.core
+        return items_response(core, core.rank(request.user_id, request.history, request.candidates))
+
+
+@serve.deployment(name="CrossSell", max_ongoing_requests=8, max_queued_requests=64)
+class CrossSell(TaskModel):
+    def cross_sell(self, request: CrossSellRequest) -> ItemsResponse:
+        core = self.core
+        return items_response(core, core.cross_sell(request.item_ids, request.k))
+
+    def cross_sell_after(self, user_id: str, history: list[str], items: list[str], k: int) -> ItemsResponse:
+        core = self.core
+        return items_response(core, core.cross_sell_after(user_id, history, items, k))
+
+
+@serve.deployment(name="Rating", max_ongoing_requests=8, max_queued_requests=64)
+class Rating(TaskModel):
+    def rating(self, request: RatingRequest) -> RatingResponse:
+        core = self.core
+        value = core.rating(request.user_id, request.item_id, request.history)
+        return RatingResponse(rating=value, model_version=core.model_version)
+
+
+TASK_DEPLOYMENTS = {"recall": Recall, "rank": Rank, "cross_sell": CrossSell, "rating": Rating}
+
+# -- the ingress --------------------------------------------------------------------------------
+
+async def _unless_untrained(response):
+    """A sub-answer, or None when the model was not trained for that task (skip the step)."""
+    try:
+        return await response
+    except Exception as exc:
+        if isinstance(to_domain(exc), NotFoundError):
+            return None
+        raise
+
+
+api = make_api("p5ray")
+ERRORS = {code: {"description": text} for code, text in (
+    (404, "a task this application or model does not serve"),
+    (413, "request body over the size limit"),
+    (422, "invalid request"),
+    (503, "overloaded; retry with backoff"),
+)}
+
+
+@serve.deployment(name="Recommender", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Recommender:
+    """HTTP routes and gRPC methods: two thin adapters over one async core method per task."""
+
+    def __init__(self, recall: DeploymentHandle | None = None, rank: DeploymentHandle | None = None,
+                 cross_sell: DeploymentHandle | None = None, rating: DeploymentHandle | None = None):
+        given = {"recall": recall, "rank": rank, "cross_sell": cross_sell, "rating": rating}
+        self.handles = {task: h for task, h in given.items() if h is not None}
+        self.combined = len(self.handles) == len(TASK_NAMES)
+        self.app_name = COMBINED if self.combined else "+".join(self.handles)
+
+    def _handle(self, task: str) -> DeploymentHandle:
+        if task not in self.handles:
+            raise NotFoundError(
+                f"application {self.app_name!r} does not serve {task}",
+                f"use application {COMBINED!r}: HTTP /v1/{BY_NAME[task].route if task in BY_NAME else task}, gRPC metadata application={COMBINED}",
+            )
+        return self.handles[task]
+
+    # -- core methods ---------------------------------------------------------------------------
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        """recall (max(k, 100)) -> rank -> top k -> cross-sell: the path of inference.recommend."""
+        if not self.combined:
+            self._handle("recommend")
+        user, history, k = request.user_id, request.history, request.k
+        recalled = await self.handles["recall"].recall.remote(RecallRequest(user_id=user, history=history, k=max(k, CANDIDATES)))
+        items, version = recalled.items, recalled.model_version
+        if items and not recalled.cold_start:
+            ranked = await _unless_untrained(self.handles["rank"].rank.remote(RankRequest(user_id=user, history=history, candidates=[i.item_id for i in items])))
+            if ranked is not None:
+                items, version = ranked.items, ranked.model_version
+        items = items[:k]
+        cross = None
+        if items:
+            cross = await _unless_untrained(self.handles["cross_sell"].cross_sell_after.remote(user, history, [i.item_id for i in items], k))
+        return RecommendResponse(items=items, cross_sell=cross.items if cross else [], cold_start=recalled.cold_start,
+                                 ignored=recalled.ignored, model_version=version)
+
+    async def recall(self, request: RecallRequest) -> ItemsResponse:
+        return await self._handle("recall").recall.remote(request)
+
+    async def rank(self, request: RankRequest) -> ItemsResponse:
+        return await self._handle("rank").rank.remote(request)
+
+    async def cross_sell(self, request: CrossSellRequest) -> ItemsResponse:
+        return await self._handle("cross_sell").cross_sell.remote(request)
+
+    async def rating(self, request: RatingRequest) -> RatingResponse:
+        return await self._handle("rating").rating.remote(request)
+
+    async def health(self) -> dict:
+        versions = await asyncio.wait_for(asyncio.gather(*(h.version.remote() for h in self.handles.values())), timeout=10)
+        return {"status": "ok", "application": self.app_name, "model_version": dict(zip(self.handles, versions, strict=True))}
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    @api.post("/v1/recommend", responses=ERRORS)
+    async def post_recommend(self, body: RecommendRequest) -> RecommendResponse:
+        return await self.recommend(body)
+
+    @api.post("/v1/recall", responses=ERRORS)
+    async def post_recall(self, body: RecallRequest) -> ItemsResponse:
+        return await self.recall(body)
+
+    @api.post("/v1/rank", responses=ERRORS)
+    async def post_rank(self, body: RankRequest) -> ItemsResponse:
+        return await self.rank(body)
+
+    @api.post("/v1/cross-sell", responses=ERRORS)
+    async def post_cross_sell(self, body: CrossSellRequest) -> ItemsResponse:
+        return await self.cross_sell(body)
+
+    @api.post("/v1/rating", responses=ERRORS)
+    async def post_rating(self, body: RatingRequest) -> RatingResponse:
+        return await self.rating(body)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            return await self.health()
+        except Exception as exc:  # any deployment that cannot answer makes the app unhealthy
+            error = to_domain(exc)
+            detail = error.one_line() if error else f"not ready: {type(exc).__name__}"
+            return JSONResponse({"detail": detail}, status_code=503)
+
+    # -- gRPC (p5ray.v1.Recommender; method names are the RPC names) -----------------------------
+    async def Recommend(self, request: pb.RecommendRequest, grpc_context) -> pb.RecommendResponse:
+        return await answer_grpc(self.recommend, RecommendRequest, request, pb.RecommendResponse, grpc_context)
+
+    async def Recall(self, request: pb.RecallRequest, grpc_context) -> pb.ItemsResponse:
+        return await answer_grpc(self.recall, RecallRequest, request, pb.ItemsResponse, grpc_context)
+
+    async def Rank(self, request: pb.RankRequest, grpc_context) -> pb.ItemsResponse:
+        return await answer_grpc(self.rank, RankRequest, request, pb.ItemsResponse, grpc_context)
+
+    async def CrossSell(self, request: pb.CrossSellRequest, grpc_context) -> pb.ItemsResponse:
+        return await answer_grpc(self.cross_sell, CrossSellRequest, request, pb.ItemsResponse, grpc_context)
+
+    async def PredictRating(self, request: pb.RatingRequest, grpc_context) -> pb.RatingResponse:
+        return await answer_grpc(self.rating, RatingRequest, request, pb.RatingResponse, grpc_context)
+
+
+# -- application builders -----------------------------------------------------------------------
+
+
+def build_app(args: AppArgs):
+    """The Serve application for `args.tasks` (typed builder: serve/config.yaml `args:`)."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    from p5ray.checkpoint import read_meta  # here: the ingress replicas never import torch
+
+    checkpoint = os.path.abspath(args.checkpoint)
+    read_meta(checkpoint)  # fail at deploy time with one clear line, not in every replica
+    bound = {}
+    for task in dict.fromkeys(args.tasks):
+        kwargs = {"torch_threads": args.torch_threads}
+        if task == "recall":
+            kwargs.update(max_batch_size=args.recall_max_batch_size, batch_wait_s=args.recall_batch_wait_s)
+        options = {"user_config": {"checkpoint": checkpoint}, "ray_actor_options": {"num_cpus": args.replica_cpus}}
+        if args.replicas:
+            options["num_replicas"] = args.replicas
+        bound[task] = TASK_DEPLOYMENTS[task].options(**options).bind(**kwargs)
+    return Recommender.bind(**bound)
