@@ -60,9 +60,11 @@ def ranks_full(
     for start in range(0, table.shape[0], chunk):
         stop = min(start + chunk, table.shape[0])
         scores = _chunk_scores(query, table, start, stop, seen)
-        higher += (scores > target_scores).sum(1)
-        ties += (scores == target_scores).sum(1)
-    return higher + torch.div((ties - 1).clamp(min=0), 2, rounding_mode="floor")
+        # the target's own column is left out: a matmul may round its score differently
+        other = torch.arange(start, stop, device=query.device).unsqueeze(0) != targets.unsqueeze(1)
+        higher += ((scores > target_scores) & other).sum(1)
+        ties += ((scores == target_scores) & other).sum(1)
+    return higher + torch.div(ties, 2, rounding_mode="floor")
 
 
 @torch.no_grad()

@@ -1,8 +1,11 @@
-"""Small synthetic checkpoints for serving tests: a real model and the real checkpoint format,
-built in a second without prepared data or training (the weights are random, the shapes real)."""
+"""Test helpers: paths, running the CLI, and small synthetic checkpoints (a real model and the
+real checkpoint format, built in a second without prepared data or training)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,23 @@ def make_checkpoint(
     if model_version:
         meta["model_version"] = model_version
     return ckpt.save(path, model, cfg, items, users, meta)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+TINY = ROOT / "p5ray" / "configs" / "tiny.yaml"
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`p5ray ARGS` in a subprocess (its own Ray), capturing stdout and stderr."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "p5ray.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT,
+    )
+
+
+def last_line(text: str, prefix: str) -> str | None:
+    lines = [ln for ln in text.splitlines() if ln.startswith(prefix)]
+    return lines[-1][len(prefix):].strip() if lines else None
