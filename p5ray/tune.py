@@ -181,39 +181,48 @@ def run(
     sweep = load_sweep(search_space, num_samples)
     base = base_config(sweep, config_path, overrides)
     storage = storage_path(storage)
+    if "://" in storage:
+        raise UserError(f"--storage {storage}: tune needs a local or mounted shared path", "use an NFS mount on a cluster")
     name = name or time.strftime("tune-%Y%m%d-%H%M%S")
     sweep_dir = os.path.join(storage, name)
     setup = TrialSetup(data_dir, base, sweep, os.path.join(sweep_dir, "train"))
     setup.config(sample_point(sweep))  # a bad combination fails here, not in every trial
     _check_sweep_dir(sweep_dir, setup, resume)
+    mlflow = _mlflow_callback(mlflow_uri, name) if mlflow_uri else None
     if base["train"]["eval_every"] > 1:  # epochs without validation report no metric
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    per_trial = sweep.workers_per_trial * sweep.cpus_per_worker
-    ensure_ray(per_trial + sweep.data_cpus)
+    ensure_ray(sweep.workers_per_trial * sweep.cpus_per_worker + sweep.data_cpus)
     concurrency = plan_concurrency(sweep, base["train"]["use_gpu"], _cluster_resources())
-    log.info("sweep %s: %d trials, %d at a time, %d worker(s) x %d CPU each", sweep_dir, sweep.num_samples, concurrency, sweep.workers_per_trial, sweep.cpus_per_worker)
+    log.info("sweep %s: %d trials, %d at a time", sweep_dir, sweep.num_samples, concurrency)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"cpu": DRIVER_CPU})
     if resume:
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
-        tuner = _build_tuner(trainable, setup, storage, name, concurrency, mlflow_uri)
+        Path(sweep_dir).mkdir(parents=True)
+        Path(sweep_dir, SETUP_FILE).write_text(json.dumps(setup.to_json(), indent=1, sort_keys=True))
+        tuner = _build_tuner(trainable, setup, storage, name, concurrency, [mlflow] if mlflow else [])
     results = tuner.fit()
+    return _collect(results, setup, sweep_dir, storage, name)
+
+
+def _collect(results, setup: TrialSetup, sweep_dir: str, storage: str, name: str) -> SweepResult:
+    """Outputs from the trial directories; an interrupted or all-failed sweep is an error."""
+    import ray.tune
+
     statuses = {t.trial_id: t.status for t in ray.tune.ExperimentAnalysis(sweep_dir).trials}
     rows = tune_results.write_outputs(sweep_dir, setup, statuses)
     unfinished = [t for t, status in statuses.items() if status not in ("TERMINATED", "ERROR")]
-    if unfinished or len(statuses) < sweep.num_samples:
+    if unfinished or len(statuses) < setup.sweep.num_samples:
         log.warning(
             "sweep interrupted with %d of %d trials finished; continue it with --resume --storage %s --name %s",
-            len(statuses) - len(unfinished), sweep.num_samples, storage, name,
+            len(statuses) - len(unfinished), setup.sweep.num_samples, storage, name,
         )
         raise KeyboardInterrupt
     if not any(r["status"] == "TERMINATED" and r["best_epoch"] for r in rows):
         errors = [r["error"] for r in rows if r.get("error")] or [str(e) for e in results.errors]
         raise P5RayError(f"no trial finished with a validated epoch: {errors[0] if errors else 'unknown reason'}")
-    return SweepResult(
-        sweep_dir, str(Path(sweep_dir, "best_config.yaml").resolve()), str(Path(sweep_dir, "leaderboard.csv").resolve()),
-        rows, sweep.metric,
-    )
+    path = Path(sweep_dir).resolve()
+    return SweepResult(str(path), str(path / "best_config.yaml"), str(path / "leaderboard.csv"), rows, setup.sweep.metric)
 
 
 def _check_sweep_dir(sweep_dir: str, setup: TrialSetup, resume: bool) -> None:
@@ -223,8 +232,6 @@ def _check_sweep_dir(sweep_dir: str, setup: TrialSetup, resume: bool) -> None:
     if not resume:
         if os.path.exists(sweep_dir):
             raise OutputExistsError(f"sweep {sweep_dir} already exists", "pass --resume to continue it, or another --name")
-        Path(sweep_dir).mkdir(parents=True)
-        setup_file.write_text(json.dumps(setup.to_json(), indent=1, sort_keys=True))
         return
     if not ray.tune.Tuner.can_restore(sweep_dir) or not setup_file.is_file():
         raise UserError(f"--resume: no sweep to continue at {sweep_dir}", "give the --storage and --name of the sweep")
@@ -277,16 +284,15 @@ def plan_concurrency(sweep: Sweep, use_gpu: bool, cluster: dict) -> int:
     return max(1, min(wanted, fits))
 
 
-def _build_tuner(trainable, setup: TrialSetup, storage: str, name: str, concurrency: int, mlflow_uri: str | None):
+def _build_tuner(trainable, setup: TrialSetup, storage: str, name: str, concurrency: int, loggers: list):
+    """Tuner over the trainable; Tune's default loggers (CSV, JSON, TensorBoard) plus `loggers`."""
     import ray.tune
 
     sweep = setup.sweep
-    callbacks = [tune_results.ProgressCallback(sweep.metric, sweep.mode, sweep.num_samples)]
+    callbacks = [tune_results.ProgressCallback(sweep.metric, sweep.mode, sweep.num_samples), *loggers]
     scheduler = _scheduler(sweep, setup.base["train"]["epochs"])
     if sweep.scheduler["type"] == "asha":
         callbacks.append(tune_results.SchedulerState(scheduler))
-    if mlflow_uri:
-        callbacks.append(_mlflow_callback(mlflow_uri, name))
     return ray.tune.Tuner(
         trainable,
         param_space={d.key: d.domain() for d in sweep.dims},

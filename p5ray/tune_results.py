@@ -195,6 +195,7 @@ def plot_curves(rows: list[dict], metric: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
@@ -203,7 +204,8 @@ def plot_curves(rows: list[dict], metric: str, path: Path) -> None:
         epochs, values = zip(*row["_curve"], strict=True)
         (line,) = ax.plot(epochs, values, marker=".", label=f"#{row['rank']} {row['trial_id']}")
         ax.plot([row["best_epoch"]], [row[metric]], "o", color=line.get_color(), markersize=8)
-    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (a short line: stopped early)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per epoch, {len(rows)} trials")
     ax.grid(alpha=0.3)
@@ -244,7 +246,7 @@ def plot_landscape(rows: list[dict], sweep, path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"best {sweep.metric} per trial (dark: better rank)")
+    fig.suptitle(f"best {sweep.metric} of each trial against its swept values (yellow: best trial)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -257,25 +257,29 @@ def test_leaderboard_mode_min(tmp_path):
 
 
 def test_asha_state_survives_a_save_and_restore():
+    import pickle
+
     from ray.tune.schedulers import ASHAScheduler
 
     class Trial:
         def __init__(self, tid):
             self.trial_id = tid
 
-    def scheduler():
-        s = ASHAScheduler(time_attr="epoch", metric="m", mode="max", max_t=8, grace_period=1, reduction_factor=2)
-        return s
+    def asha():
+        return ASHAScheduler(time_attr="epoch", metric="m", mode="max", max_t=8, grace_period=1, reduction_factor=2)
 
-    first = scheduler()
+    def rungs(scheduler):
+        return [(milestone, dict(recorded)) for b in scheduler._brackets for milestone, recorded in b._rungs]
+
+    first = asha()
     for i in range(4):
         first.on_trial_add(None, Trial(str(i)))
         first.on_trial_result(None, Trial(str(i)), {"epoch": 1, "m": float(i)})
-    state = tune_results.SchedulerState(first).get_state()
-    second = scheduler()
-    tune_results.SchedulerState(second).set_state(json.loads(json.dumps({"s": 1})) and state)
-    rungs = lambda s: [dict(r.recorded) if hasattr(r, "recorded") else r for b in s._brackets for r in b._rungs]  # noqa: E731
-    assert rungs(second) == rungs(first) and any(rungs(first))
+    state = pickle.loads(pickle.dumps(tune_results.SchedulerState(first).get_state()))  # as Tune stores it
+    second = asha()
+    tune_results.SchedulerState(second).set_state(state)
+    assert rungs(second) == rungs(first)
+    assert any(recorded for _, recorded in rungs(first))
 
 
 def test_restored_optimizer_takes_the_new_lr_and_weight_decay():
@@ -327,25 +331,91 @@ def test_cli_resume_of_nothing_is_exit_2(ml100k, tmp_path, capsys):
     assert code == 2 and "no sweep to continue" in capsys.readouterr().err
 
 
+
+def test_cli_resume_with_another_search_space_is_exit_2(ml100k, tmp_path, capsys):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / "tuner.pkl").write_bytes(b"")
+    (sweep_dir / "sweep.json").write_text(json.dumps({"data_dir": str(ml100k), "base": {}, "sweep": {}}))
+    code = main(["tune", "--data", str(ml100k), "--search-space", str(SMOKE), "--storage", str(tmp_path), "--name", "s", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "differ from those the sweep" in err
+
+
+def test_cli_existing_sweep_without_resume_is_exit_2(ml100k, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    code = main(["tune", "--data", str(ml100k), "--search-space", str(SMOKE), "--storage", str(tmp_path), "--name", "s"])
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_cli_mlflow_without_mlflow_is_exit_2(ml100k, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    code = main(["tune", "--data", str(ml100k), "--search-space", str(SMOKE), "--storage", str(tmp_path), "--mlflow-uri", "file:///tmp/m"])
+    assert code == 2 and "pip install mlflow" in capsys.readouterr().err
+
 # -- real sweeps (slow) ----------------------------------------------------------------------
 
 
-def p5ray(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "p5ray.cli", *args], capture_output=True, text=True, env=env, timeout=900, **kw)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def p5ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p5ray.cli", *args], capture_output=True, text=True, env=ENV, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def resumed_smoke(ml100k, tmp_path_factory) -> dict:
+    """tune/smoke.yaml, one trial at a time, SIGKILLed after its first trial, then --resume'd."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    space_file = tmp / "smoke-serial.yaml"
+    space_file.write_text(yaml.safe_dump(yaml.safe_load(SMOKE.read_text()) | {"max_concurrent_trials": 1}))
+    sweep_dir = tmp / "runs" / "smoke"
+    args = ["tune", "--data", str(ml100k), "--search-space", str(space_file), "--storage", str(tmp / "runs"), "--name", "smoke"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "p5ray.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=ENV, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 600
+        while not finished_trials(sweep_dir) and time.time() < deadline and driver.poll() is None:
+            time.sleep(1)
+        time.sleep(3)  # the experiment state records the finished trial
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    before = {d: (sweep_dir / d / "result.json").read_text() for d in finished_trials(sweep_dir)}
+    resumed = p5ray(*args, "--resume")
+    return {"before": before, "out": resumed, "dir": sweep_dir, "data": ml100k, "tmp": tmp}
+
+
+def finished_trials(sweep_dir: Path) -> set[str]:
+    """Trials with a report in result.json (a 1-epoch trial reports once, at its end)."""
+    return {d.name for d in sweep_dir.glob("trial_*") if (d / "result.json").exists() and (d / "result.json").read_text().strip()}
 
 
 @pytest.mark.slow
-def test_smoke_sweep_then_best_config_retrains(ml100k, tmp_path):
-    out = p5ray("tune", "--data", str(ml100k), "--search-space", str(SMOKE), "--storage", str(tmp_path / "runs"), "--name", "smoke")
+def test_killed_sweep_resumes_keeping_finished_trials(resumed_smoke):
+    out, sweep_dir = resumed_smoke["out"], resumed_smoke["dir"]
+    assert resumed_smoke["before"], "no trial finished before the kill"
     assert out.returncode == 0, out.stderr[-3000:]
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("best_config: ")
-    best = Path(last.removeprefix("best_config: "))
-    assert best.is_absolute() and best.parent == tmp_path / "runs" / "smoke"
-    with open(best.parent / "leaderboard.csv") as f:
+    for d, text in resumed_smoke["before"].items():  # finished trials were kept, not rerun
+        assert (sweep_dir / d / "result.json").read_text() == text
+    with open(sweep_dir / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert len(resumed_smoke["before"]) == 1, "the kill came after both trials (the resume had nothing to run)"
+
+
+@pytest.mark.slow
+def test_smoke_sweep_leaderboard_and_best_config_retrains(resumed_smoke):
+    out, sweep_dir = resumed_smoke["out"], resumed_smoke["dir"]
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert last == f"best_config: {sweep_dir / 'best_config.yaml'}"
+    best = Path(last.removeprefix("best_config: "))
+    with open(best.parent / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
     scores = [float(r["valid/ndcg@10"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     for row in rows:  # the checkpoint is the best epoch's, and says so itself
@@ -359,40 +429,24 @@ def test_smoke_sweep_then_best_config_retrains(ml100k, tmp_path):
     assert yaml.safe_load((Path(rows[0]["checkpoint"]) / "config.yaml").read_text()) == to_dict(cfg)
     for png in ("metric_by_epoch.png", "landscape.png"):
         assert (best.parent / png).stat().st_size > 1000
-    retrain = p5ray("train", "--data", str(ml100k), "--config", str(best), "--set", "train.epochs=1", "--storage", str(tmp_path / "again"), "--name", "again")
+    tmp = resumed_smoke["tmp"]
+    retrain = p5ray("train", "--data", str(resumed_smoke["data"]), "--config", str(best), "--set", "train.epochs=1",
+                    "--storage", str(tmp / "again"), "--name", "again")
     assert retrain.returncode == 0, retrain.stderr[-3000:]
     assert retrain.stdout.strip().splitlines()[-1].startswith("checkpoint: ")
 
+def test_optuna_search_is_optional(monkeypatch):
+    from p5ray.tune import _searcher
 
-def finished_trials(sweep_dir: Path) -> set[str]:
-    """Trials whose result.json has the final epoch (1-epoch sweep: any report)."""
-    return {d.name for d in sweep_dir.glob("trial_*") if (d / "result.json").exists() and (d / "result.json").read_text().strip()}
-
-
-@pytest.mark.slow
-def test_killed_sweep_resumes_keeping_finished_trials(ml100k, tmp_path):
-    space = yaml.safe_load(SMOKE.read_text()) | {"num_samples": 3, "max_concurrent_trials": 1}
-    space_file = tmp_path / "three.yaml"
-    space_file.write_text(yaml.safe_dump(space))
-    args = ["tune", "--data", str(ml100k), "--search-space", str(space_file), "--storage", str(tmp_path / "runs"), "--name", "k"]
-    sweep_dir = tmp_path / "runs" / "k"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "p5ray.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    sweep = sweep_of(search="optuna", seed=3)
     try:
-        deadline = time.time() + 600
-        while len(finished_trials(sweep_dir)) < 1 and time.time() < deadline and driver.poll() is None:
-            time.sleep(2)
-        time.sleep(5)  # let the experiment state record the finished trial
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        driver.wait()
-    before = {d: (sweep_dir / d / "result.json").read_text() for d in finished_trials(sweep_dir)}
-    assert before, "no trial finished before the kill"
-    out = p5ray(*args, "--resume")
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(sweep_dir / "leaderboard.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"TERMINATED"}
-    for d, text in before.items():  # finished trials were kept, not rerun
-        assert (sweep_dir / d / "result.json").read_text() == text
-    assert out.stdout.strip().splitlines()[-1] == f"best_config: {sweep_dir / 'best_config.yaml'}"
+        import optuna  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert type(_searcher(sweep, 2)).__name__ == "OptunaSearch"
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    with pytest.raises(UserError) as err:
+        _searcher(sweep, 2)
+    assert "pip install optuna" in err.value.one_line()
+    assert type(_searcher(sweep_of(), 2)).__name__ == "BasicVariantGenerator"
