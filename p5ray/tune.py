@@ -366,6 +366,17 @@ def _mlflow_callback(uri: str, name: str):
     return MLflowLoggerCallback(tracking_uri=uri, experiment_name=name, save_artifact=False)
 
 
+def load_setup(sweep_dir: str | Path) -> TrialSetup:
+    """The TrialSetup a sweep started with, from its sweep.json."""
+    data = json.loads(Path(sweep_dir, SETUP_FILE).read_text())
+    return TrialSetup(data["data_dir"], data["base"], Sweep.from_dict(data["sweep"]), str(Path(sweep_dir, "train")))
+
+
+def regenerate_outputs(sweep_dir: str | Path) -> list[dict]:
+    """Rewrite leaderboard.csv, best_config.yaml, plots and report.md of a sweep (no Ray cluster)."""
+    return tune_results.write_outputs(sweep_dir, load_setup(sweep_dir))
+
+
 def shutdown_ray() -> None:
     import ray
 

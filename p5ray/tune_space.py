@@ -102,6 +102,12 @@ class Sweep:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Sweep:
+        """The inverse of to_dict (sweep.json of a sweep directory)."""
+        dims = tuple(Dimension(d["key"], d["kind"], tuple(d["args"])) for d in data["dims"])
+        return cls(**{**data, "dims": dims, "simplex": tuple(data["simplex"])})
+
 
 def load_sweep(path: str | Path, num_samples: int | None = None) -> Sweep:
     sweep = parse_sweep(read_yaml(path), str(path))

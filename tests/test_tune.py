@@ -244,6 +244,12 @@ def test_leaderboard_takes_metric_and_checkpoint_from_the_same_epoch(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     table_text = tune_results.summary_table(rows, sweep.metric)
     assert table_text.splitlines()[0].split()[:2] == ["rank", "trial_id"]
+    from p5ray.tune import SETUP_FILE, regenerate_outputs
+
+    (tmp_path / SETUP_FILE).write_text(json.dumps(setup.to_json()))
+    (tmp_path / "leaderboard.csv").unlink()
+    assert [r["trial_id"] for r in regenerate_outputs(tmp_path)] == ["a", "b", "c"]
+    assert (tmp_path / "leaderboard.csv").exists()
 
 
 def test_leaderboard_mode_min(tmp_path):
