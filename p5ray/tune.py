@@ -27,7 +27,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from p5ray import dataset, tune_results
 from p5ray.config import Config
-from p5ray.errors import ConfigError, OutputExistsError, P5RayError, UserError
+from p5ray.errors import OutputExistsError, P5RayError, UserError
 from p5ray.tune_space import Sweep, base_config, load_sweep, sample_point, trial_config
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ def run(
     setup.config(sample_point(sweep))  # a bad combination fails here, not in every trial
     _check_sweep_dir(sweep_dir, setup, resume)
     mlflow = _mlflow_callback(mlflow_uri, name) if mlflow_uri else None
+    if sweep.search["type"] == "optuna":
+        _require_optuna()
     if base["train"]["eval_every"] > 1:  # epochs without validation report no metric
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     ensure_ray(sweep.workers_per_trial * sweep.cpus_per_worker + sweep.data_cpus)
@@ -325,10 +327,11 @@ def _scheduler(sweep: Sweep, epochs: int):
 
     opts = sweep.scheduler
     if opts["type"] == "asha":
-        if opts["grace_period"] > epochs:
-            raise ConfigError(f"scheduler.grace_period {opts['grace_period']} exceeds train.epochs {epochs}")
+        grace = opts["grace_period"]
+        if grace > epochs:
+            log.warning("scheduler.grace_period %d is more than train.epochs %d: using %d", grace, epochs, epochs)
         return ASHAScheduler(
-            time_attr="epoch", max_t=epochs, grace_period=opts["grace_period"], reduction_factor=opts["reduction_factor"]
+            time_attr="epoch", max_t=epochs, grace_period=min(grace, epochs), reduction_factor=opts["reduction_factor"]
         )
     if opts["type"] == "pbt":
         dims = {d.key: d for d in sweep.dims}
@@ -347,14 +350,17 @@ def _searcher(sweep: Sweep, concurrency: int):
 
     if sweep.search["type"] == "random":  # Tune applies max_concurrent_trials to Searchers only
         return BasicVariantGenerator(max_concurrent=concurrency, random_state=sweep.seed)
+    _require_optuna()
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=sweep.seed)
+
+
+def _require_optuna() -> None:
     try:
         import optuna  # noqa: F401
-        from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise UserError("search: optuna needs the optuna package", "pip install optuna, or use search: random") from None
-    if any(d.kind == "grid" for d in sweep.dims):
-        raise ConfigError("search: optuna cannot take grid dimensions", "use choice instead of grid")
-    return OptunaSearch(seed=sweep.seed)
 
 
 def _mlflow_callback(uri: str, name: str):

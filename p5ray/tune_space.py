@@ -152,6 +152,8 @@ def parse_sweep(data: dict, where: str = "search space") -> Sweep:
         cpus_per_worker=_positive("cpus_per_worker", data.get("cpus_per_worker", 1)),
         data_cpus=_positive("data_cpus", data.get("data_cpus", 1), minimum=0),
     )
+    if sweep.search["type"] == "optuna" and any(d.kind == "grid" for d in sweep.dims):
+        raise ConfigError("search: optuna cannot take grid dimensions", "use choice instead of grid")
     _check_pbt(sweep)
     return sweep
 

@@ -123,6 +123,7 @@ def test_simplex_weights_sum_to_the_total(tasks, total):
         ({"space": {"train.lr": 0.01}}, "train.lr"),
         ({"scheduler": {"type": "asha", "grace": 2}}, "grace"),
         ({"scheduler": "hyperband"}, "hyperband"),
+        ({"space": {"model.dim": {"grid": [8, 16]}}, "search": "optuna"}, "grid"),
     ],
 )
 def test_bad_search_spaces_are_rejected_naming_the_key(data, named):
