@@ -194,7 +194,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--data", required=True, help="prepared data directory (from `p5ray prepare`)")
     p.add_argument("--search-space", required=True, help="sweep YAML (see tune/search_space.yaml)")
     p.add_argument("--num-samples", type=int, help="trials to run (default: num_samples in the YAML)")
-    p.add_argument("--storage", default="runs", help="where sweeps go (shared path or s3://)")
+    p.add_argument("--storage", default="runs", help="where sweeps go (a local path, or a shared mount on a cluster)")
     p.add_argument("--name", help="sweep name (default: tune-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the sweep --storage/--name")
     p.add_argument("--mlflow-uri", help="also log trials to this MLflow tracking URI (needs mlflow)")

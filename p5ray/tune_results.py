@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from ray.tune import Callback
 
 from p5ray.config import to_dict
 
+log = logging.getLogger("p5ray.tune")
 HEAD = ("rank", "trial_id", "status", "best_epoch", "epochs_run")
 ALSO = ("valid/ndcg@10", "valid/hr@10")  # shown next to the sweep metric when it is another one
 
@@ -256,7 +257,7 @@ def plot_landscape(rows: list[dict], sweep, path: Path) -> None:
 
 
 class ProgressCallback(Callback):
-    """One stderr line per trial event and per validated epoch: trials done / running."""
+    """One log line (stderr; --quiet hides it) per trial event and validated epoch."""
 
     def __init__(self, metric: str, mode: str, total: int):
         self.metric, self.mode, self.total = metric, mode, total
@@ -264,7 +265,7 @@ class ProgressCallback(Callback):
         self.running: set[str] = set()
 
     def _say(self, text: str) -> None:
-        print(f"[p5ray tune] {text} ({len(self.done)}/{self.total} done, {len(self.running)} running)", file=sys.stderr, flush=True)
+        log.info("%s (%d/%d done, %d running)", text, len(self.done), self.total, len(self.running))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
