@@ -243,6 +243,44 @@ def _run_recommend(args) -> int:
     return server.recommend(args.user, args.k, args.url, args.history, raw=args.json)
 
 
+def _add_tune(sub) -> None:
+    p = _verb(
+        sub,
+        "tune",
+        "Ray Tune sweep over the same training function as `train` (Train + Tune): task weights, "
+        "learning rate, regularisation, width. Writes leaderboard.csv, best_config.yaml and plots "
+        "in STORAGE/NAME; prints `best_config: PATH` last.",
+        "p5ray tune --data prepared/ml-100k --search-space tune/search_space.yaml --num-samples 16",
+    )
+    p.add_argument("--data", required=True, help="prepared data directory (from `p5ray prepare`)")
+    p.add_argument("--search-space", required=True, help="sweep YAML (see tune/search_space.yaml)")
+    p.add_argument("--num-samples", type=int, help="trials to run (default: num_samples in the YAML)")
+    p.add_argument("--storage", default="runs", help="where sweeps go (a local path, or a shared mount on a cluster)")
+    p.add_argument("--name", help="sweep name (default: tune-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep --storage/--name")
+    p.add_argument("--mlflow-uri", help="also log trials to this MLflow tracking URI (needs mlflow)")
+    _add_config_flags(p)
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args) -> int:
+    import contextlib
+
+    from p5ray import tune
+
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples {args.num_samples}: expected 1 or more")
+    with contextlib.redirect_stdout(sys.stderr):  # Tune prints its own banners on stdout
+        result = tune.run(
+            args.data, args.search_space, num_samples=args.num_samples, storage=args.storage,
+            name=args.name, resume=args.resume, config_path=args.config, overrides=args.overrides,
+            mlflow_uri=args.mlflow_uri,
+        )
+        tune.shutdown_ray()  # no late Ray log line may follow the results
+    tune.print_summary(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p5ray",
@@ -257,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERBS = [_add_prepare, _add_train, _add_evaluate, _add_serve, _add_recommend]
+VERBS = [_add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend]
 
 
 def _setup_logging(args) -> None:

@@ -260,6 +260,18 @@ def _optimizer(loss_fn: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.98))
 
 
+def _apply_config_rates(optimizer, scheduler, cfg: Config) -> None:
+    """After a restore, the config's lr and weight decay win over the saved ones.
+
+    A no-op when resuming with the same config; PBT restores a checkpoint under a mutated one.
+    """
+    scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = cfg.train.lr
+        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
+    optimizer.param_groups[0]["weight_decay"] = cfg.train.weight_decay  # group 0: the decayed weights
+
+
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """The Ray Train worker function (also what every Ray Tune trial runs)."""
     import ray.train
@@ -313,12 +325,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0}
 
     restored = ray.train.get_checkpoint()
+    if restored is None and loop_cfg.get("resume_from"):  # Tune PBT: go on from another trial's epoch
+        restored = ray.train.Checkpoint(loop_cfg["resume_from"])
     if restored:
         with restored.as_directory() as d:
             inner.model.load_state_dict(torch.load(Path(d) / "model.pt", map_location=device, weights_only=True))
             saved = ckpt.load_train_state(d)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        _apply_config_rates(optimizer, scheduler, cfg)
         inner.balance.copy_(saved["balance"].to(inner.balance.device))
         inner.log_vars.data.copy_(saved["log_vars"].to(inner.log_vars.device))
         state = {k: saved[k] for k in state}
@@ -346,6 +361,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             ray.train.report(metrics)
             continue
         metrics.update(_validate(inner.model, valid, cfg, rank, world, device))
+        if loop_cfg.get("objective"):
+            metrics["objective"] = weighted_objective(metrics, loop_cfg["objective"])
         score = metrics[SCORE]
         if score > state["best"] + 1e-9:
             state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
@@ -359,6 +376,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             if rank == 0:
                 log.warning("early stop at epoch %d: no better %s for %d epochs", epoch + 1, SCORE, cfg.train.patience)
             break
+
+
+def weighted_objective(metrics: dict, weights: dict[str, float]) -> float:
+    """sum_k w_k * metrics[k]: one number that ranks epochs and trials by several metrics."""
+    return float(sum(w * metrics[k] for k, w in weights.items()))
 
 
 def _report(metrics, inner, optimizer, scheduler, state, cfg, items, users, data_dir, loop_cfg, rank) -> None:
@@ -427,12 +449,8 @@ def fit(
     init_from: str | None = None,
 ) -> FitResult:
     """Train with Ray Train on cfg.train.num_workers workers; return the best checkpoint."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from p5ray.errors import OutputExistsError, P5RayError, UserError
-    from p5ray.raycluster import ensure_ray, storage_path, train_logging_config, verbose
+    from p5ray.raycluster import ensure_ray, storage_path
 
     data_dir = str(dataset.check_data_dir(data_dir).resolve())
     manifest = dataset.read_manifest(data_dir)
@@ -448,16 +466,56 @@ def fit(
         init_from = str(Path(init_from).resolve())
         ckpt.read_meta(init_from)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    max_len = cfg.model.max_len
+    trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise P5RayError(f"training failed: {_root_cause(exc)}") from exc
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
+    if not scored:
+        raise P5RayError("training finished without a validated checkpoint")
+    best_ckpt, best_metrics = max(scored, key=lambda cm: cm[1][SCORE])
+    return FitResult(best_ckpt.path, dict(best_metrics), run_dir)
+
+
+def build_trainer(
+    data_dir: str,
+    cfg: Config,
+    storage: str,
+    name: str,
+    init_from: str | None = None,
+    manifest: dict | None = None,
+    callbacks: list | None = None,
+    objective: dict[str, float] | None = None,
+    score: str = SCORE,
+    score_order: str = "max",
+    resume_from: str | None = None,
+    keep_all: bool = False,
+):
+    """Ray Data datasets + a TorchTrainer running train_loop_per_worker (used by fit() and tune).
+
+    `objective` (metric -> weight) makes every validated epoch also report `objective`, their
+    weighted sum; `score` names the reported metric that ranks the kept checkpoints.
+    `resume_from` starts from that checkpoint's full state (Tune PBT); `keep_all` keeps every
+    checkpoint (PBT copies the latest one of another trial).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from p5ray.raycluster import train_logging_config, verbose
+
+    manifest = manifest or dataset.read_manifest(data_dir)
     train_ds = ray.data.read_parquet(os.path.join(data_dir, "train.parquet")).map_batches(
-        dataset.explode_windows, fn_kwargs={"max_len": max_len}, batch_format="numpy"
+        dataset.explode_windows, fn_kwargs={"max_len": cfg.model.max_len}, batch_format="numpy"
     )
     valid_ds = ray.data.read_parquet(os.path.join(data_dir, "valid.parquet"), columns=["user_idx", "history", "target"])
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg), "data_dir": data_dir, "init_from": init_from, "run_name": name,
             "verbose": verbose(), "rating_min": manifest.get("rating_min"), "rating_max": manifest.get("rating_max"),
+            "objective": objective, "resume_from": resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -468,25 +526,17 @@ def fit(
             name=name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints + 1,
-                checkpoint_score_attribute=SCORE,
-                checkpoint_score_order="max",
+                num_to_keep=None if keep_all else cfg.train.keep_checkpoints + 1,
+                checkpoint_score_attribute=score,
+                checkpoint_score_order=score_order,
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=train_logging_config(),
+            callbacks=callbacks or None,
         ),
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        raise P5RayError(f"training failed: {_root_cause(exc)}") from exc
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
-    if not scored:
-        raise P5RayError("training finished without a validated checkpoint")
-    best_ckpt, best_metrics = max(scored, key=lambda cm: cm[1][SCORE])
-    return FitResult(best_ckpt.path, dict(best_metrics), run_dir)
 
 
 def _root_cause(exc: BaseException) -> str:
