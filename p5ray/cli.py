@@ -281,6 +281,27 @@ def _run_tune(args) -> int:
     return 0
 
 
+def _add_quickstart(sub) -> None:
+    p = _verb(
+        sub,
+        "quickstart",
+        "The main job end to end on the bundled MovieLens-100K with an embedded local Ray: prepare -> "
+        "train (2 workers) -> evaluate -> serve -> one real HTTP and gRPC request -> shutdown.",
+        "p5ray quickstart --workdir .quickstart",
+    )
+    p.add_argument("--workdir", default=".quickstart", help="where data and runs go")
+    p.add_argument("--input", help="another MovieLens-style log instead of the bundled one")
+    p.add_argument("--user", default="196", help="the user to ask recommendations for")
+    _add_config_flags(p)
+    p.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args) -> int:
+    from p5ray import quickstart
+
+    return quickstart.run(args.workdir, args.input, args.config, args.overrides, args.user)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p5ray",
@@ -295,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERBS = [_add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend]
+VERBS = [_add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend, _add_quickstart]
 
 
 def _setup_logging(args) -> None:
