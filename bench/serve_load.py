@@ -147,11 +147,10 @@ def start_bare(checkpoint: str) -> tuple[subprocess.Popen, str]:
 
 
 def start_serve(checkpoint: str, batch: int) -> tuple[str, str]:
-    import ray
-
     from p5ray import server
+    from tests.helpers import start_local_ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_local_ray()
     http_port, grpc_port = free_port(), free_port()
     config = server.serve_config(checkpoint, "127.0.0.1", http_port, grpc_port)
     config["applications"] = config["applications"][:1]  # the combined app: every route
@@ -270,6 +269,22 @@ def catalog_scaling(sizes: list[int], repeats: int = 30) -> list[dict]:
     return rows
 
 
+def markdown(report: dict) -> str:
+    """The results as a Markdown table: one row per (route, concurrency), servers side by side."""
+    rows = {}
+    for r in report["results"]:
+        rows.setdefault((r["route"], r["concurrency"]), {})[f"{r['server']} {r['protocol']}"] = r
+    head = ["route", "clients"] + [f"{t} {m}" for t in ("bare http", "serve http", "serve grpc") for m in ("req/s", "p50/p95/p99 ms")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (route, c), by in rows.items():
+        cells = [f"/v1/{route}", str(c)]
+        for t in ("bare http", "serve http", "serve grpc"):
+            r = by.get(t)
+            cells += [f"{r['rps']:.1f}", f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}" + (f" ({r['errors']} err)" if r["errors"] else "")] if r else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -- driver ------------------------------------------------------------------------------------------
 
 
@@ -303,7 +318,7 @@ def run_all(args) -> dict:
         bare.wait()
     return {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, load average at end {os.getloadavg()[0]:.1f}",
             "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.checkpoint or f"synthetic Beauty-shaped {shape}",
-            "duration_s": args.duration, "recall_batch": args.batch, "results": results}
+            "duration_s": args.duration, "recall_batch": args.batch, "serve_env": args.serve_env, "results": results}
 
 
 def main() -> int:
@@ -314,16 +329,23 @@ def main() -> int:
     parser.add_argument("--task-concurrency", type=int, default=4, help="clients for each task route")
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--batch", type=int, default=8, help="Recall @serve.batch max size (1: no batching)")
+    parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment for Ray Serve's processes, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     parser.add_argument("--out", help="write the results JSON here")
     parser.add_argument("--catalog", type=int, nargs="*", help="time recall on synthetic catalogs of these sizes instead")
+    parser.add_argument("--markdown", metavar="JSON", help="print the results file JSON as a Markdown table")
     parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if args.bare_server:
         import uvicorn
 
         uvicorn.run(bare_app(args.bare_server), host="127.0.0.1", port=args.port, log_level="warning")
         return 0
+    os.environ.update(dict(item.split("=", 1) for item in args.serve_env))  # inherited by the local Ray
     report = {"catalog": catalog_scaling(args.catalog or [12_101, 100_000, 1_000_000])} if args.catalog is not None else run_all(args)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -16,10 +16,10 @@ MAX_CANDIDATES = 10_000
 MAX_ID_CHARS = 256
 CANDIDATES = 100  # recall depth of /v1/recommend before rank: max(k, CANDIDATES)
 
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]  # a user or item id
 K = Annotated[int, Field(strict=True, ge=1, le=MAX_K, description=f"how many items, 1..{MAX_K}")]
 History = Annotated[
-    list[ItemId],
+    list[Id],
     Field(max_length=MAX_HISTORY, description="item ids, oldest first; only the most recent model-window items are encoded"),
 ]
 
@@ -29,31 +29,31 @@ class Request(BaseModel):
 
 
 class RecommendRequest(Request):
-    user_id: ItemId
+    user_id: Id
     history: History = []
     k: K = 10
 
 
 class RecallRequest(Request):
-    user_id: ItemId | None = None
+    user_id: Id | None = None
     history: History = []
     k: K = 10
 
 
 class RankRequest(Request):
-    user_id: ItemId | None = None
+    user_id: Id | None = None
     history: History = []
-    candidates: Annotated[list[ItemId], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    candidates: Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)]
 
 
 class CrossSellRequest(Request):
-    item_ids: Annotated[list[ItemId], Field(min_length=1, max_length=MAX_HISTORY)]
+    item_ids: Annotated[list[Id], Field(min_length=1, max_length=MAX_HISTORY)]
     k: K = 10
 
 
 class RatingRequest(Request):
-    user_id: ItemId
-    item_id: ItemId
+    user_id: Id
+    item_id: Id
     history: History = []
 
 

@@ -89,3 +89,18 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
 def last_line(text: str, prefix: str) -> str | None:
     lines = [ln for ln in text.splitlines() if ln.startswith(prefix)]
     return lines[-1][len(prefix):].strip() if lines else None
+
+
+def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
+    """A fresh local Ray for this process (never someone else's cluster), retried: on a busy
+    machine the raylet can miss Ray's fixed 30 s start-up window."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise

@@ -24,7 +24,7 @@ from p5ray.inference import Recommender as Core
 from p5ray.proto import p5ray_pb2 as pb
 from p5ray.proto import p5ray_pb2_grpc
 from p5ray.schemas import RecallRequest, RecommendRequest, from_proto
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, start_local_ray
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def served(tmp_path_factory):
     no_ratings = make_checkpoint(root / "no-ratings", has_ratings=False, model_version="no-ratings")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        start_local_ray()
     http_port, grpc_port = free_port(), free_port()
     config = server.serve_config(str(a), "127.0.0.1", http_port, grpc_port)
     rating_app = next(app for app in config["applications"] if app["name"] == "rating")
