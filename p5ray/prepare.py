@@ -154,6 +154,7 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
     parsed, stats = _read(spec, ranges, opts)
     _write_quarantine(parsed, spec, tmp)
     users, counts = _group_by_user(parsed, spec, opts, stats)
+    del parsed  # frees the parsed events in the object store
     user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
     seq = _map(
         users,
@@ -161,6 +162,7 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
         user_vocab=pa.array(user_vocab, pa.string()),
         item_vocab=pa.array(item_vocab, pa.string()),
     ).materialize()
+    del users
     sorted_seq = _batches(seq.sort("user_idx"), batch_size=1 << 14)
     split = outputs.write_splits(sorted_seq, tmp, len(user_vocab), len(item_vocab))
     cross_sell = _cross_sell_events(stats, opts, spec)

@@ -87,8 +87,14 @@ def _decode_line(part: bytes) -> str:
         return part.decode("latin-1")
 
 
-def plan_ranges(spec: LogSpec, chunk_bytes: int = 32 << 20) -> list[ByteRange]:
-    """Cut every input file into read tasks; text ranges end on a newline and know their first line."""
+def plan_ranges(spec: LogSpec, chunk_bytes: int = 32 << 20, min_tasks: int = 16) -> list[ByteRange]:
+    """Cut every input file into read tasks; text ranges end on a newline and know their first line.
+
+    Ranges are at most `chunk_bytes`, and small enough that a log of a few MB still gives about
+    `min_tasks` tasks (parsing runs in parallel), but not under 1 MiB.
+    """
+    total = sum(Path(name).stat().st_size for name in spec.files)
+    chunk_bytes = max(1, min(chunk_bytes, max(1 << 20, -(-total // min_tasks))))
     ranges: list[ByteRange] = []
     for i, name in enumerate(spec.files):
         path = Path(name)

@@ -309,7 +309,7 @@ def cli(*args):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
 
 
