@@ -35,7 +35,11 @@ def build_log(path: Path, copies: int) -> int:
     rows = [ln.split("\t") for ln in lines]
     with open(path, "w") as f:
         for k in range(copies):
-            f.write("".join(f"{int(u) + 1000 * k}\t{int(i) + 2000 * k}\t{r}\t{t}\n" for u, i, r, t in rows))
+            f.write(
+                "".join(
+                    f"{int(u) + 1000 * k}\t{int(i) + 2000 * k}\t{r}\t{t}\n" for u, i, r, t in rows
+                )
+            )
     return len(rows) * copies
 
 
@@ -69,7 +73,7 @@ def tree_pss_bytes(root: int) -> int:
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run a command; wall time and peak whole-tree PSS."""
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
 
@@ -84,7 +88,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-2000:]}")
-    return {"wall_s": time.time() - start, "peak_bytes": peak[0], "stdout": out}
+    return {"wall_s": time.time() - start, "peak_bytes": peak[0], "stdout": out, "load": load}
 
 
 def baseline(log: str, out: str) -> None:
@@ -96,10 +100,14 @@ def baseline(log: str, out: str) -> None:
 
     from p5ray import events, vocab
 
-    df = pd.read_csv(log, sep="\t", names=["u", "i", "r", "t"], dtype=str, header=None, keep_default_na=False)
+    df = pd.read_csv(
+        log, sep="\t", names=["u", "i", "r", "t"], dtype=str, header=None, keep_default_na=False
+    )
     df["line"] = np.arange(1, len(df) + 1)
     rating, ts = pd.to_numeric(df["r"], errors="coerce"), pd.to_numeric(df["t"], errors="coerce")
-    bad = rating.isna() | ts.isna() | df["u"].eq("") | df["i"].eq("") | (rating < 0.5) | (rating > 5)
+    bad = (
+        rating.isna() | ts.isna() | df["u"].eq("") | df["i"].eq("") | (rating < 0.5) | (rating > 5)
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     df[bad].to_csv(Path(out) / "quarantine.csv", index=False)
     df = df[~bad].assign(r=rating[~bad].astype("float32"), t=ts[~bad].astype("int64"))
@@ -111,23 +119,40 @@ def baseline(log: str, out: str) -> None:
     df = df.sort_values(["user_idx", "t", "line"], kind="stable")
     n = df.groupby("user_idx", sort=False)["item_idx"].size()
     offsets = pa.array(np.concatenate([[0], np.cumsum(n.to_numpy())]).astype(np.int32))
-    seq = pa.table({
-        "user_idx": pa.array(n.index.to_numpy(), pa.int32()),
-        "items": pa.ListArray.from_arrays(offsets, pa.array(df["item_idx"].to_numpy(), pa.int32())),
-        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(df["t"].to_numpy())),
-        "ratings": pa.ListArray.from_arrays(offsets, pa.array(df["r"].to_numpy())),
-        "events": pa.nulls(len(n), pa.list_(pa.string())),
-    })
+    seq = pa.table(
+        {
+            "user_idx": pa.array(n.index.to_numpy(), pa.int32()),
+            "items": pa.ListArray.from_arrays(
+                offsets, pa.array(df["item_idx"].to_numpy(), pa.int32())
+            ),
+            "timestamps": pa.ListArray.from_arrays(offsets, pa.array(df["t"].to_numpy())),
+            "ratings": pa.ListArray.from_arrays(offsets, pa.array(df["r"].to_numpy())),
+            "events": pa.nulls(len(n), pa.list_(pa.string())),
+        }
+    )
     train, valid, test = events.split_leave_one_out(seq)
     for name, table in (("sequences", seq), ("train", train), ("valid", valid), ("test", test)):
         pq.write_table(table, Path(out) / f"{name}.parquet")
     pairs = events.pair_counts(seq, None)
-    pq.write_table(next(events.merge_sorted_counts([pairs]), events.PAIRS.empty_table()), Path(out) / "cross_sell.parquet")
+    merged = pa.concat_tables([events.PAIRS.empty_table(), *events.merge_sorted_counts([pairs])])
+    pq.write_table(merged, Path(out) / "cross_sell.parquet")
     counts = np.bincount(pc_flat(train), minlength=len(items) + 1)
-    pq.write_table(pa.table({"item_idx": pa.array(np.arange(1, len(items) + 1), pa.int32()), "item_id": items,
-                             "train_count": counts[1:]}), Path(out) / "items.parquet")
-    pq.write_table(pa.table({"user_idx": pa.array(np.arange(1, len(users) + 1), pa.int32()), "user_id": users}),
-                   Path(out) / "users.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "item_idx": pa.array(np.arange(1, len(items) + 1), pa.int32()),
+                "item_id": items,
+                "train_count": counts[1:],
+            }
+        ),
+        Path(out) / "items.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {"user_idx": pa.array(np.arange(1, len(users) + 1), pa.int32()), "user_id": users}
+        ),
+        Path(out) / "users.parquet",
+    )
     print(f"baseline: {len(users)} users, {len(items)} items, {len(df)} interactions")
 
 
@@ -141,11 +166,25 @@ def run_size(label: str, copies: int, work: Path, skip_pandas: bool) -> dict:
     log = work / f"log-{label}.data"
     rows = build_log(log, copies)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    ray_cmd = [sys.executable, "-m", "p5ray.cli", "prepare", "--input", str(log), "--format", "movielens",
-               "--out", str(work / f"out-{label}"), "--overwrite", "--quiet"]
+    ray_cmd = [
+        sys.executable,
+        "-m",
+        "p5ray.cli",
+        "prepare",
+        "--input",
+        str(log),
+        "--format",
+        "movielens",
+        "--out",
+        str(work / f"out-{label}"),
+        "--overwrite",
+        "--quiet",
+    ]
     result = {"label": label, "rows": rows, "ray": measure(ray_cmd, env)}
     if not skip_pandas:
-        result["pandas"] = measure([sys.executable, __file__, "--baseline", str(log), str(work / f"base-{label}")], env)
+        result["pandas"] = measure(
+            [sys.executable, __file__, "--baseline", str(log), str(work / f"base-{label}")], env
+        )
     log.unlink()
     print(row_text(result), flush=True)
     return result
@@ -153,39 +192,56 @@ def run_size(label: str, copies: int, work: Path, skip_pandas: bool) -> dict:
 
 def row_text(r: dict) -> str:
     def cell(m):
-        return f"{m['wall_s']:.0f} s | {r['rows'] / m['wall_s'] / 1e3:.0f}k | {m['peak_bytes'] / 2**30:.2f} GiB"
+        rate = r["rows"] / m["wall_s"] / 1e3
+        return f"{m['wall_s']:.0f} s | {rate:.0f}k | {m['peak_bytes'] / 2**30:.2f} GiB | {m['load']:.0f}"
 
-    pandas = cell(r["pandas"]) if "pandas" in r else "- | - | -"
+    pandas = cell(r["pandas"]) if "pandas" in r else "- | - | - | -"
     ratio = f"{r['ray']['wall_s'] / r['pandas']['wall_s']:.2f}x" if "pandas" in r else "-"
     return f"| {r['label']} | {cell(r['ray'])} | {pandas} | {ratio} |"
 
 
 def write_markdown(results: list[dict], path: Path) -> None:
     cpus = os.cpu_count()
-    section = "\n".join([
-        "## prepare: scale (bench/prepare_scale.py)",
-        "",
-        f"MovieLens-100K replicated with id offsets; `p5ray prepare` on a local Ray vs a plain single-process "
-        f"pandas implementation of the same steps; {cpus} CPU cores (shared), {time.strftime('%Y-%m-%d')}. "
-        "Memory: peak summed PSS of the command's whole process tree (driver, GCS, raylet, Ray workers; "
-        "the object store's shared pages counted once).",
-        "",
-        "| rows | Ray Data: wall | rows/s | peak memory | pandas: wall | rows/s | peak memory | Ray / pandas wall |",
-        "|---|---|---|---|---|---|---|---|",
-        *(row_text(r) for r in results),
-        "",
-    ])
+    section = "\n".join(
+        [
+            "## prepare: scale (bench/prepare_scale.py)",
+            "",
+            f"MovieLens-100K replicated with id offsets; `p5ray prepare` on a local Ray vs a plain single-process "
+            f"pandas implementation of the same steps; {cpus} CPU cores (shared), {time.strftime('%Y-%m-%d')}. "
+            "Memory: peak summed PSS of the command's whole process tree (driver, GCS, raylet, Ray workers; "
+            "the object store's shared pages counted once). `load`: the machine's 1-minute load average when "
+            "the run started (other people's jobs share these cores; above 2 the cores were oversubscribed).",
+            "",
+            "| rows | Ray Data: wall | rows/s | peak memory | load | pandas: wall | rows/s | peak memory | load "
+            "| Ray / pandas wall |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *(row_text(r) for r in results),
+            "",
+        ]
+    )
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    text = re.sub(r"## prepare: scale.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip() + "\n\n" + section
+    text = (
+        re.sub(r"## prepare: scale.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip()
+        + "\n\n"
+        + section
+    )
     path.write_text(text)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="1M,5M,20M", help="comma-separated sizes among " + ", ".join(SIZES))
-    parser.add_argument("--work", default="/tmp/p5ray-prepare-scale", help="scratch directory (logs, outputs)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows", default="1M,5M,20M", help="comma-separated sizes among " + ", ".join(SIZES)
+    )
+    parser.add_argument(
+        "--work", default="/tmp/p5ray-prepare-scale", help="scratch directory (logs, outputs)"
+    )
     parser.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--no-md", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    parser.add_argument(
+        "--no-md", action="store_true", help="print only, leave BENCHMARKS.md alone"
+    )
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--baseline", nargs=2, metavar=("LOG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,7 +250,9 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = [run_size(label, SIZES[label], work, args.skip_pandas) for label in args.rows.split(",")]
+    results = [
+        run_size(label, SIZES[label], work, args.skip_pandas) for label in args.rows.split(",")
+    ]
     if not args.no_md:
         write_markdown(results, Path(args.markdown))
 
