@@ -128,6 +128,12 @@ def _ray_session():
             raise ClusterError(
                 f"no Ray cluster reachable: {exc}", hint="check RAY_ADDRESS"
             ) from exc
+        except Exception as exc:  # ray.init raises bare Exceptions, e.g. a startup timeout
+            raise ClusterError(
+                f"could not start a local Ray: {exc}",
+                hint="retry when the machine is less busy, or start one with `ray start --head` "
+                "and set RAY_ADDRESS",
+            ) from exc
         started = True
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars
