@@ -109,6 +109,8 @@ def _add_prepare(sub) -> None:
 def _run_prepare(args) -> int:
     from p5ray import prepare
 
+    if not args.verbose:  # importing ray.data (prepare does) resets its logger to INFO
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     opts = prepare.PrepareOptions(
         input=args.input,
         out=args.out,

@@ -155,7 +155,7 @@ def split_leave_one_out(seq: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     items, ratings = _chunk(seq["items"]), _chunk(seq["ratings"])
     n = pc.list_value_length(items).to_numpy(zero_copy_only=False)
     evaluable = n >= MIN_EVAL_LEN
-    train_len = np.where(evaluable, n - 2, n)
+    train_len = train_lengths(items)
     train = pa.table(
         {
             "user_idx": seq["user_idx"],
@@ -183,6 +183,7 @@ def split_leave_one_out(seq: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
 
 
 def train_lengths(items: pa.Array) -> np.ndarray:
+    """Length of each training prefix: n - 2 for evaluable users, n for the others."""
     n = pc.list_value_length(items).to_numpy(zero_copy_only=False)
     return np.where(n >= MIN_EVAL_LEN, n - 2, n)
 
@@ -190,8 +191,8 @@ def train_lengths(items: pa.Array) -> np.ndarray:
 def pair_counts(seq: pa.Table, cross_sell_events: tuple[str, ...] | None) -> pa.Table:
     """Consecutive (a, b) pairs inside training prefixes, counted: `key` = a << 32 | b, `count`.
 
-    With `cross_sell_events`, only events of those types form the sequence pairs are taken from
-    (a purchase followed by the next purchase). Pairs of an item with itself are left out.
+    With `cross_sell_events`, pairs are taken from the subsequence of events of those types
+    (a purchase and the next purchase). Pairs of an item with itself are left out.
     """
     items = _chunk(seq["items"])
     lengths = train_lengths(items)

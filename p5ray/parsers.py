@@ -74,10 +74,6 @@ class LogSpec:
     rating_range: tuple[float, float] | None = None
     note: str = ""
 
-    @property
-    def has(self) -> set[str]:
-        return set(self.fields)
-
 
 def parse_lines(lines: pa.Table, spec: LogSpec) -> pa.Table:
     """A lines table -> an EVENT_SCHEMA table (valid and bad rows together, in no promised order)."""

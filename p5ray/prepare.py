@@ -128,6 +128,12 @@ def _ray_session():
             raise ClusterError(
                 f"no Ray cluster reachable: {exc}", hint="check RAY_ADDRESS"
             ) from exc
+        except Exception as exc:  # ray.init raises bare Exceptions, e.g. a startup timeout
+            raise ClusterError(
+                f"could not start a local Ray: {exc}",
+                hint="retry when the machine is less busy, or start one with `ray start --head` "
+                "and set RAY_ADDRESS",
+            ) from exc
         started = True
     ctx = DataContext.get_current()
     saved = ctx.enable_progress_bars
@@ -154,6 +160,7 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
     parsed, stats = _read(spec, ranges, opts)
     _write_quarantine(parsed, spec, tmp)
     users, counts = _group_by_user(parsed, spec, opts, stats)
+    del parsed  # frees the parsed events in the object store
     user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
     seq = _map(
         users,
@@ -161,6 +168,7 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
         user_vocab=pa.array(user_vocab, pa.string()),
         item_vocab=pa.array(item_vocab, pa.string()),
     ).materialize()
+    del users
     sorted_seq = _batches(seq.sort("user_idx"), batch_size=1 << 14)
     split = outputs.write_splits(sorted_seq, tmp, len(user_vocab), len(item_vocab))
     cross_sell = _cross_sell_events(stats, opts, spec)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -87,8 +88,14 @@ def _decode_line(part: bytes) -> str:
         return part.decode("latin-1")
 
 
-def plan_ranges(spec: LogSpec, chunk_bytes: int = 32 << 20) -> list[ByteRange]:
-    """Cut every input file into read tasks; text ranges end on a newline and know their first line."""
+def plan_ranges(spec: LogSpec, chunk_bytes: int = 32 << 20, min_tasks: int = 16) -> list[ByteRange]:
+    """Cut every input file into read tasks; text ranges end on a newline and know their first line.
+
+    Ranges are at most `chunk_bytes`, and small enough that a log of a few MB still gives about
+    `min_tasks` tasks (parsing runs in parallel), but not under 1 MiB.
+    """
+    total = sum(Path(name).stat().st_size for name in spec.files)
+    chunk_bytes = max(1, min(chunk_bytes, max(1 << 20, -(-total // min_tasks))))
     ranges: list[ByteRange] = []
     for i, name in enumerate(spec.files):
         path = Path(name)
@@ -179,13 +186,16 @@ def _line_tables(
     lines = decode(data).split("\n")
     if data.endswith(b"\n"):
         lines.pop()
-    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if b"\r" in data:  # Windows line endings
+        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     for lo in range(skip, len(lines), lines_per_table):
         part = lines[lo : lo + lines_per_table]
         yield pa.table(
             {
-                "file": pa.array([file] * len(part), pa.int32()),
-                "line": pa.array(range(first_line + lo, first_line + lo + len(part)), pa.int64()),
+                "file": pa.array(np.full(len(part), file, np.int32)),
+                "line": pa.array(
+                    np.arange(first_line + lo, first_line + lo + len(part), dtype=np.int64)
+                ),
                 "raw": pa.array(part, pa.string()),
             }
         )

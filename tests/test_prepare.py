@@ -309,7 +309,7 @@ def cli(*args):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
 
 
@@ -359,3 +359,27 @@ def test_cli_success_then_existing_out_is_refused(tmp_path):
     )
     with pytest.raises(OutputExistsError):
         prep(FIXTURES / "ratings.dat", tmp_path / "out")
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_scale", ROOT / "bench" / "prepare_scale.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_bench_baseline_agrees_with_prepare(ml100k, tmp_path):
+    """The bench's pandas baseline runs the same steps: on ML-100K its tables equal prepare's."""
+    bench = load_bench()
+    assert bench.build_log(tmp_path / "log.data", 1) == 100_000
+    bench.baseline(str(tmp_path / "log.data"), str(tmp_path / "base"))
+    out, _ = ml100k
+    for name in ("sequences", "train", "valid", "test", "cross_sell"):
+        ours = pq.read_table(out / f"{name}.parquet")
+        theirs = pq.read_table(tmp_path / "base" / f"{name}.parquet").cast(ours.schema)
+        assert ours.equals(theirs), name
+    assert bench.tree_pss_bytes(os.getpid()) > 10 << 20

@@ -118,3 +118,16 @@ def test_parquet_rows_are_numbered_per_file(tmp_path):
         (3, "2", "x", 30),
     ]
     assert [e["reason"] for e in ev] == [None, "missing_rating", None]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 33, 10_000])
+def test_any_chunk_size_without_a_final_newline(tmp_path, chunk):
+    path = tmp_path / "log.tsv"
+    path.write_bytes(b"user_id\titem_id\r\nu1\ti1\r\n\r\nu2\ti\xe92\r\nu3\ti3")
+    spec = formats.resolve(str(path), "tsv")
+    assert read_all(spec, chunk_bytes=chunk) == [
+        (0, 2, "u1\ti1"),
+        (0, 3, ""),
+        (0, 4, "u2\tié2"),
+        (0, 5, "u3\ti3"),
+    ]
