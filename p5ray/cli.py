@@ -73,8 +73,12 @@ def _add_prepare(sub) -> None:
         default="auto",
         choices=["auto", "movielens", "sequence", "csv", "tsv", "parquet", "jsonl", "amazon-json"],
     )
-    p.add_argument("--user-features", help="user feature table (MovieLens u.user is found beside u.data)")
-    p.add_argument("--item-features", help="item feature table (MovieLens u.item is found beside u.data)")
+    p.add_argument(
+        "--user-features", help="user feature table (MovieLens u.user is found beside u.data)"
+    )
+    p.add_argument(
+        "--item-features", help="item feature table (MovieLens u.item is found beside u.data)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--vocab-from", help="earlier prepared directory whose id indices are kept")
@@ -131,7 +135,9 @@ def _run_prepare(args) -> int:
         vocab_seed=args.vocab_seed,
     )
     manifest = prepare.run(opts)
-    summary = {k: manifest[k] for k in ("users", "items", "interactions", "rows_in", "rows_quarantined")}
+    summary = {
+        k: manifest[k] for k in ("users", "items", "interactions", "rows_in", "rows_quarantined")
+    }
     print(json.dumps(summary))
     print(f"data: {os.path.abspath(args.out)}")
     return 0
