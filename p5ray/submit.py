@@ -162,14 +162,22 @@ def exclude_spec(root: Path, excludes: list[str]):
     return PathSpec.from_lines("gitwildmatch", lines)
 
 
-def is_uploaded(rel: Path, spec) -> bool:
-    """Whether the project-relative path (or a directory above it) is not excluded."""
+def is_uploaded(root: Path, rel: Path, spec) -> bool:
+    """Whether the project-relative path is uploaded: not excluded, nor anything in it."""
     parts = rel.parts
-    return not any(spec.match_file("/".join(parts[: i + 1])) for i in range(len(parts)))
+    if any(spec.match_file("/".join(parts[: i + 1])) for i in range(len(parts))):
+        return False
+    if not (root / rel).is_dir():
+        return True
+    for dirpath, _, filenames in os.walk(root / rel):
+        for name in filenames:
+            if spec.match_file((Path(dirpath) / name).relative_to(root).as_posix()):
+                return False
+    return True
 
 
-def path_arguments(argv: list[str]) -> list[tuple[str, str]]:
-    """(flag, value) for every argument that names a path: known path flags and positionals."""
+def path_arguments(argv: list[str], cwd: Path) -> list[tuple[str, str]]:
+    """(flag, value) for every argument that names a path: known path flags, existing positionals."""
     found = []
     for i, token in enumerate(argv):
         flag, _, value = token.partition("=")
@@ -177,7 +185,7 @@ def path_arguments(argv: list[str]) -> list[tuple[str, str]]:
             found.append((flag, value))
         elif token in PATH_FLAGS and i + 1 < len(argv):
             found.append((token, argv[i + 1]))
-        elif not token.startswith("-") and (i == 0 or argv[i - 1] not in PATH_FLAGS) and os.path.exists(token):
+        elif not token.startswith("-") and (i == 0 or argv[i - 1] not in PATH_FLAGS) and (cwd / token).exists():
             found.append(("", token))
     return found
 
@@ -186,7 +194,7 @@ def path_warnings(argv: list[str], root: Path | None, spec, cwd: Path) -> list[s
     """Why the job may not find (or keep) a path argument; empty when all look reachable."""
     out = []
     verb = argv[0] if argv else ""
-    named = path_arguments(argv[1:])
+    named = path_arguments(argv[1:], cwd)
     if verb in ("train", "tune") and not any(flag == "--storage" for flag, _ in named):
         out.append(f"{verb} without --storage writes runs/ inside the job's temporary working "
                    "directory on the cluster: pass --storage on shared storage or s3://...")
@@ -199,9 +207,9 @@ def path_warnings(argv: list[str], root: Path | None, spec, cwd: Path) -> list[s
         if flag in OUTPUT_FLAGS and not path.is_absolute():
             out.append(f"{flag} {value} is relative: it lands in the job's temporary working "
                        "directory on the cluster and is deleted with it; pass a shared path")
-        elif inside and not is_uploaded(local.relative_to(root), spec):
-            out.append(f"{value} is in the local project directory but not uploaded (excluded): "
-                       "the job cannot read it; put it on storage every node reaches")
+        elif inside and not is_uploaded(root, local.relative_to(root), spec):
+            out.append(f"{value} is in the local project directory but not (all) uploaded: the "
+                       "job cannot read it; put it on storage every node reaches")
         elif not path.is_absolute() and (not inside or cwd.resolve() != root):
             out.append(f"{value} is relative: on the cluster it resolves against the uploaded "
                        f"project directory ({root or 'none'}), not {cwd}")
