@@ -132,3 +132,29 @@ def test_marker_is_read_when_present_and_missed_when_not(tmp_path):
     marker.write_text("token")
     assert raycluster.read_marker(str(marker)) == "token"
     assert raycluster.read_marker(str(tmp_path / "absent"), patience_s=0.2) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_use_gpu_trains_with_nccl_and_bf16_on_a_gpu_box(tmp_path):
+    """On a CUDA machine: `p5ray train --use-gpu` end to end (one worker per GPU, NCCL, bf16)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers_cluster import make_prepared
+
+    root = Path(__file__).resolve().parent.parent
+    data = make_prepared(tmp_path / "data")
+    workers = str(min(2, torch.cuda.device_count()))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "p5ray.cli", "train", "--data", str(data), "--config",
+         str(root / "p5ray/configs/tiny.yaml"), "--use-gpu", "--num-workers", workers,
+         "--storage", str(tmp_path / "runs"), "--name", "gpu"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("checkpoint: ")
