@@ -111,6 +111,11 @@ class Connection:
     def client(self):
         from ray.job_submission import JobSubmissionClient
 
+        from p5ray.raycluster import verbose
+
+        if not verbose():  # importing Ray set its logger back to INFO: no upload chatter
+            logging.getLogger("ray").setLevel(logging.WARNING)
+
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         with self.errors():
             try:
@@ -255,6 +260,7 @@ class StreamSplitter:
     def _emit(self, line: str) -> None:
         if not self.marked:
             self.out.write(line)
+            self.out.flush()
         elif line.startswith(STDOUT_MARK):
             self.out.write(line[len(STDOUT_MARK):])
             self.out.flush()
