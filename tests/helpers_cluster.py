@@ -150,22 +150,50 @@ class LoopbackCluster:
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(self.hidden), *cmd]
         return cmd
 
-    def start(self, timeout_s: float = 240.0) -> LoopbackCluster:
-        for index in range(len(self.node_cpus)):
-            log = open(self.root / f"node{index}.log", "w")
-            self.procs.append(subprocess.Popen(
-                self._node_command(index), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            ))
-            if index == 0:
-                self._wait(lambda: self.get("/api/version") is not None, timeout_s, "head node")
-        self._wait(lambda: len(self.alive_nodes()) == len(self.node_cpus), timeout_s, "all nodes")
+    def start(self, timeout_s: float = 240.0, attempts: int = 3) -> LoopbackCluster:
+        """Start every node. Ray gives a starting node fixed deadlines (its raylet waits ~15 s for
+        the dashboard agent, `ray start` 30 s for the raylet): on a machine busy enough to miss
+        them, that node exits, and it is started again (a new head means new ports)."""
+        for attempt in range(attempts):
+            try:
+                return self._start_nodes(timeout_s)
+            except RuntimeError:
+                self._kill_all()
+                if attempt == attempts - 1:
+                    raise
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
+                self.url = self.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{self.dashboard_port}"
         return self
 
-    def _wait(self, ready, timeout_s: float, what: str) -> None:
+    def _start_nodes(self, timeout_s: float) -> LoopbackCluster:
+        head = self._launch(0)
+        self._wait(lambda: self.get("/api/version") is not None, timeout_s, "head node", [head])
+        for index in range(1, len(self.node_cpus)):
+            node = self._launch(index)
+            self._wait(lambda n=index: len(self.alive_nodes()) > n, timeout_s, f"node {index}", [head, node])
+        time.sleep(2)
+        self._wait(lambda: head.poll() is None, 1, "head node (after the others)", [head])
+        return self
+
+    def _kill_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def _launch(self, index: int) -> subprocess.Popen:
+        log = open(self.root / f"node{index}.log", "a")
+        proc = subprocess.Popen(
+            self._node_command(index), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def _wait(self, ready, timeout_s: float, what: str, watch: list[subprocess.Popen]) -> None:
         deadline = time.monotonic() + timeout_s
         while not ready():
-            dead = [p.args for p in self.procs if p.poll() is not None]
+            dead = [p.args for p in watch if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 logs = "\n".join(p.read_text()[-2000:] for p in sorted(self.root.glob("node*.log")))
                 raise RuntimeError(f"{what} did not come up (exited: {dead})\n{logs}")
@@ -201,10 +229,7 @@ class LoopbackCluster:
         deadline = time.monotonic() + 8  # `ray start --block` can take long to exit: then SIGKILL
         while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
             time.sleep(0.5)
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        self._kill_all()
         for pid in self.leftover_pids():  # a Ray process that left its group: still ours by path
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
