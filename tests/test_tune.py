@@ -39,7 +39,7 @@ SMOKE = ROOT / "tune" / "smoke.yaml"
 
 @pytest.fixture(scope="module")
 def ml100k(tmp_path_factory) -> Path:
-    from helpers_data import prepare_ml100k
+    from tests.helpers_data import prepare_ml100k
 
     return prepare_ml100k(tmp_path_factory.mktemp("data") / "ml-100k")
 
