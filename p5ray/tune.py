@@ -63,7 +63,7 @@ def run_trial(point: dict, setup: TrialSetup) -> None:
 
     cfg = setup.config(point)
     trial_id = ray.tune.get_context().get_trial_id()
-    _name_cluster_for_train()
+    _prepare_trial_process()
     if setup.sweep.scheduler["type"] == "pbt":
         return _run_trial_pbt(cfg, setup, trial_id)
     # a stable Train run name: a restored trial (--resume) continues its Train run from its checkpoint
@@ -74,18 +74,23 @@ def run_trial(point: dict, setup: TrialSetup) -> None:
     trainer.fit()
 
 
-def _name_cluster_for_train() -> None:
-    """Hand this cluster's address to the Train controller (and so its PlacementGroupCleaner).
+def _prepare_trial_process() -> None:
+    """Quiet Ray Data progress bars; give the Train controller this cluster's address.
 
-    When Tune stops a trial (ASHA), its Train controller dies with it and the cleaner must free the
+    The address reaches the controller's PlacementGroupCleaner. When Tune stops a trial (ASHA), its Train controller dies with it and the cleaner must free the
     workers' placement group; it finds the cluster through the state API without an address,
     which fails when one machine runs several Ray instances, leaking the trial's CPUs.
     """
     import ray
+    import ray.data
     from ray.train.v2._internal import constants
+
+    from p5ray.raycluster import verbose
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    if not verbose():  # the trial's datasets carry this process's DataContext (the driver's is set quiet)
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def _scoring(sweep: Sweep) -> dict:

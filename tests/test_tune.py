@@ -378,9 +378,9 @@ def resumed_smoke(ml100k, tmp_path_factory) -> dict:
     space_file.write_text(yaml.safe_dump(yaml.safe_load(SMOKE.read_text()) | {"max_concurrent_trials": 1}))
     sweep_dir = tmp / "runs" / "smoke"
     args = ["tune", "--data", str(ml100k), "--search-space", str(space_file), "--storage", str(tmp / "runs"), "--name", "smoke"]
+    log = open(tmp / "killed-driver.log", "w")
     driver = subprocess.Popen(
-        [sys.executable, "-m", "p5ray.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=ENV, start_new_session=True,
+        [sys.executable, "-m", "p5ray.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True,
     )
     try:
         deadline = time.time() + 600
@@ -390,9 +390,11 @@ def resumed_smoke(ml100k, tmp_path_factory) -> dict:
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
+        log.close()
     before = {d: (sweep_dir / d / "result.json").read_text() for d in finished_trials(sweep_dir)}
     resumed = p5ray(*args, "--resume")
-    return {"before": before, "out": resumed, "dir": sweep_dir, "data": ml100k, "tmp": tmp}
+    killed_log = (tmp / "killed-driver.log").read_text()[-3000:]
+    return {"before": before, "out": resumed, "dir": sweep_dir, "data": ml100k, "tmp": tmp, "killed_log": killed_log}
 
 
 def finished_trials(sweep_dir: Path) -> set[str]:
@@ -403,7 +405,7 @@ def finished_trials(sweep_dir: Path) -> set[str]:
 @pytest.mark.slow
 def test_killed_sweep_resumes_keeping_finished_trials(resumed_smoke):
     out, sweep_dir = resumed_smoke["out"], resumed_smoke["dir"]
-    assert resumed_smoke["before"], "no trial finished before the kill"
+    assert resumed_smoke["before"], f"no trial finished before the kill: {resumed_smoke['killed_log']}"
     assert out.returncode == 0, out.stderr[-3000:]
     for d, text in resumed_smoke["before"].items():  # finished trials were kept, not rerun
         assert (sweep_dir / d / "result.json").read_text() == text
