@@ -53,13 +53,36 @@ def ensure_ray(min_cpus: int = 2) -> None:
         ray.init(address=address, **kwargs)
     else:
         cpus = max(os.cpu_count() or 1, min_cpus + 2)
-        # the dashboard hosts the state API that Ray Train's controller polls; loopback only
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # always a fresh local instance (address="local"): never someone else's `ray start`
+        # cluster by accident; the dashboard hosts the state API that Ray Train's controller
+        # polls, bound to loopback
+        _init_local(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     if quiet:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+
+
+def _init_local(attempts: int = 3, **kwargs) -> None:
+    """ray.init for a local instance, retried: on a loaded machine the raylet can miss Ray's fixed
+    start-up deadline ("node timed out during startup"), which a second try usually makes."""
+    import ray
+
+    from p5ray.errors import ClusterError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a start-up timeout
+            ray.shutdown()
+            if "timed out" not in str(exc) or attempt == attempts:
+                raise ClusterError(
+                    f"a local Ray did not start: {str(exc).splitlines()[0]}",
+                    "the machine may be short of CPU or memory; retry, or stop other Ray processes",
+                ) from exc
+            log.warning("local Ray start timed out (attempt %d of %d); retrying", attempt, attempts)
 
 
 def storage_path(storage: str) -> str:
