@@ -156,6 +156,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify_files: boo
     model = P5Rec(spec_from_dict(meta["spec"]))
     try:
         state = torch.load(path / "model.pt", map_location=device, weights_only=True)
+        restore_feature_values(model, state)
         model.load_state_dict(state)
     except Exception as exc:
         raise CheckpointError(f"{path}/model.pt cannot be loaded: {exc}") from None
@@ -163,6 +164,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify_files: boo
     items = pq.read_table(path / "items.parquet")
     users = pq.read_table(path / "users.parquet")
     return Loaded(path, model, config, meta, items, users)
+
+
+def restore_feature_values(model: P5Rec, state: dict) -> None:
+    """Feature-value buffers take the saved shape (a multi-valued feature's width is data-dependent)."""
+    for key, value in state.items():
+        if ".values_" in key:
+            module_path, name = key.rsplit(".", 1)
+            setattr(model.get_submodule(module_path), name, torch.zeros_like(value))
 
 
 def load_train_state(path: str | Path) -> dict | None:

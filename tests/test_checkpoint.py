@@ -94,3 +94,20 @@ def test_vocab_mismatch_is_refused(saved):
     other_items, _ = _tables(n_items=31)
     with pytest.raises(CheckpointError, match="other data"):
         ckpt.check_fits_data(loaded, other_items, users, "other")
+
+
+def test_feature_buffers_of_any_width_round_trip(tmp_path):
+    from p5ray.model import FeatureSpec
+
+    cfg = load_config(None, ["model.dim=8", "model.max_len=5", "model.tower_dim=8"])
+    manifest = {"items": 30, "users": 5, "has_ratings": False,
+                "item_features": {"genres": {"kind": "multi_categorical", "cardinality": 6}}}
+    spec = train.build_spec(cfg, manifest)
+    assert spec.item_features == (FeatureSpec("genres", "multi_categorical", 6),)
+    items, users = _tables()
+    genres = pa.array([[1 + k % 5, 1 + (k + 1) % 5, 1 + (k + 2) % 5][: 1 + k % 3] for k in range(30)], pa.list_(pa.int32()))
+    items = items.append_column("feat_genres", genres)
+    model = train.build_model(spec, items, users)
+    assert model.items.features.values_genres.shape == (31, 3)
+    loaded = ckpt.load(ckpt.save(tmp_path / "ck", model, cfg, items, users, {}))
+    assert torch.equal(loaded.model.items.features.values_genres, model.items.features.values_genres)
