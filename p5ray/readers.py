@@ -183,20 +183,22 @@ def _stream_lines(
 def _line_tables(
     file: int, first_line: int, data: bytes, skip: int, lines_per_table: int
 ) -> Iterator[pa.Table]:
-    lines = decode(data).split("\n")
+    """Complete lines of `data` (numbered from first_line) as tables, split by Arrow, not Python."""
+    lines = pc.list_flatten(pc.split_pattern(pa.array([decode(data)], pa.large_string()), "\n"))
     if data.endswith(b"\n"):
-        lines.pop()
+        lines = lines.slice(0, len(lines) - 1)
     if b"\r" in data:  # Windows line endings
-        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+        lines = pc.replace_substring_regex(lines, r"\r$", "")
+    lines = lines.cast(pa.string())
     for lo in range(skip, len(lines), lines_per_table):
-        part = lines[lo : lo + lines_per_table]
+        part = lines.slice(lo, lines_per_table)
         yield pa.table(
             {
                 "file": pa.array(np.full(len(part), file, np.int32)),
                 "line": pa.array(
                     np.arange(first_line + lo, first_line + lo + len(part), dtype=np.int64)
                 ),
-                "raw": pa.array(part, pa.string()),
+                "raw": part,
             }
         )
 
