@@ -56,6 +56,11 @@ class AppArgs(BaseModel):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per task replica")
     recall_max_batch_size: int = Field(8, ge=1, description="@serve.batch size of Recall (1: off)")
     recall_batch_wait_s: float = Field(0.002, ge=0)
+    share_from: str | None = Field(
+        None,
+        description="serve these tasks through the task deployments of this (combined) application "
+        "instead of loading the model again: a per-task app then adds only its ingress",
+    )
 
 
 # -- task deployments ---------------------------------------------------------------------------
@@ -176,9 +181,14 @@ class Recommender:
     """HTTP routes and gRPC methods: two thin adapters over one async core method per task."""
 
     def __init__(self, recall: DeploymentHandle | None = None, rank: DeploymentHandle | None = None,
-                 cross_sell: DeploymentHandle | None = None, rating: DeploymentHandle | None = None):
+                 cross_sell: DeploymentHandle | None = None, rating: DeploymentHandle | None = None,
+                 shared: tuple[str, list[str]] | None = None):
         given = {"recall": recall, "rank": rank, "cross_sell": cross_sell, "rating": rating}
         self.handles = {task: h for task, h in given.items() if h is not None}
+        if shared:  # (application, tasks): call that application's task deployments
+            app, tasks = shared
+            for task in tasks:
+                self.handles[task] = serve.get_deployment_handle(TASK_DEPLOYMENTS[task].name, app_name=app)
         self.combined = len(self.handles) == len(TASK_NAMES)
         self.app_name = COMBINED if self.combined else "+".join(self.handles)
 
@@ -283,6 +293,8 @@ def build_app(args: AppArgs):
 
     checkpoint = os.path.abspath(args.checkpoint)
     read_meta(checkpoint)  # fail at deploy time with one clear line, not in every replica
+    if args.share_from:
+        return Recommender.bind(shared=(args.share_from, list(dict.fromkeys(args.tasks))))
     bound = {}
     for task in dict.fromkeys(args.tasks):
         kwargs = {"torch_threads": args.torch_threads}

@@ -38,9 +38,10 @@ def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000
     apps = []
     for name, prefix, tasks in APPS:
         args = {"checkpoint": os.path.abspath(checkpoint)}
-        if tasks:
+        if tasks:  # a per-task app: its own ingress over the combined app's task deployments
             args["tasks"] = tasks
-        if replicas:
+            args["share_from"] = "p5ray"
+        elif replicas:
             args["replicas"] = replicas
         apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args})
     return {
@@ -62,6 +63,8 @@ def swap_checkpoint(config: dict, checkpoint: str) -> dict:
     ckpt.read_meta(checkpoint)
     new = copy.deepcopy(config)
     for app in new["applications"]:
+        if app["args"].get("share_from"):
+            continue  # no task deployments of its own: it follows the application it shares
         overrides = {d["name"]: d for d in app.get("deployments", [])}
         for task in app["args"].get("tasks") or list(TASK_DEPLOYMENTS):
             name = TASK_DEPLOYMENTS[task].name

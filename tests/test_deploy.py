@@ -133,16 +133,13 @@ def test_rayservice_runs_the_spec_applications_from_one_checkpoint(service):
 
 
 def test_rayservice_matches_serve_config_where_it_exists(service):
-    """Names, routes, import path and gRPC servicer as in serve/config.yaml (when present)."""
-    path = ROOT / "serve" / "config.yaml"
-    if not path.exists():
-        pytest.skip("serve/config.yaml is not in this tree yet")
-    local = yaml.safe_load(path.read_text())
+    """Names, routes, import path, tasks and gRPC servicer as in serve/config.yaml."""
+    local = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     cluster = yaml.safe_load(service["spec"]["serveConfigV2"])
 
     def shape(config):
-        return {a["name"]: (a["route_prefix"], a["import_path"], (a.get("args") or {}).get("tasks"))
-                for a in config["applications"]}
+        return {a["name"]: (a["route_prefix"], a["import_path"], (a.get("args") or {}).get("tasks"),
+                            (a.get("args") or {}).get("share_from")) for a in config["applications"]}
 
     assert shape(cluster) == shape(local)
     assert cluster["grpc_options"]["grpc_servicer_functions"] == local["grpc_options"]["grpc_servicer_functions"]

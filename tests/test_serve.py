@@ -64,9 +64,11 @@ def served(tmp_path_factory):
         start_local_ray()
     http_port, grpc_port = free_port(), free_port()
     config = server.serve_config(str(a), "127.0.0.1", http_port, grpc_port)
-    rating_app = next(app for app in config["applications"] if app["name"] == "rating")
+    apps = {app["name"]: app for app in config["applications"]}
+    rating_app = apps["rating"]  # its own Rating replica, on a model trained without ratings
     rating_app["args"]["checkpoint"] = str(no_ratings)
-    config["applications"] = [config["applications"][0], rating_app]
+    del rating_app["args"]["share_from"]
+    config["applications"] = [apps["p5ray"], apps["recall"], rating_app]  # recall: shares p5ray's
     server.start_serve(config)
     server.deploy(config, timeout_s=400)
     url = f"http://127.0.0.1:{http_port}"
@@ -113,9 +115,11 @@ def test_config_file_deploys_the_apps_the_cli_deploys(tmp_path):
     swapped = server.swap_checkpoint(file, new)
     assert shape(swapped) == shape(file)  # args untouched: a lightweight update, not a redeploy
     for app in swapped["applications"]:
-        tasks = app["args"].get("tasks") or ["recall", "rank", "cross_sell", "rating"]
+        if app["args"].get("share_from"):  # a per-task ingress over the combined app's replicas
+            assert not app.get("deployments") and app["args"]["share_from"] == "p5ray"
+            continue
         configs = {d["name"]: d.get("user_config") for d in app["deployments"]}
-        assert sum(c == {"checkpoint": new} for c in configs.values()) == len(tasks)
+        assert sum(c == {"checkpoint": new} for c in configs.values()) == 4
 
 
 # -- happy paths ----------------------------------------------------------------------------------
@@ -182,6 +186,19 @@ def test_rating_on_a_model_without_ratings_is_404_and_not_found(served):
     assert answer.status_code == 404 and "rating" in answer.json()["detail"]
     code, details = grpc_error(served.stub().PredictRating, pb.RatingRequest(user_id="u1", item_id="i3"), (("application", "rating"),))
     assert code == grpc.StatusCode.NOT_FOUND and "rating" in details
+
+
+@pytest.mark.slow
+def test_shared_per_task_app_answers_from_the_combined_apps_replica(served):
+    own = served.http.post("/recall/v1/recall", json={"user_id": "u1", "k": 5})
+    combined = served.http.post("/v1/recall", json={"user_id": "u1", "k": 5})
+    assert own.status_code == 200 and own.json() == combined.json()
+    assert served.http.post("/recall/v1/rank", json={"user_id": "u1", "candidates": ["i1"]}).status_code == 404
+    reply = served.stub().Recall(pb.RecallRequest(user_id="u1", k=5), metadata=(("application", "recall"),), timeout=60)
+    assert item_ids(reply.items) == item_ids(own.json()["items"])
+    from ray import serve
+
+    assert "Recall" not in serve.status().applications["recall"].deployments, "the model must load once"
 
 
 @pytest.mark.slow
@@ -344,7 +361,7 @@ def test_hot_swap_under_concurrent_requests_fails_none(served):
                     failures.append(repr(exc))
 
     replicas_before = replica_actors()
-    assert len(replicas_before) == 7  # p5ray: ingress + 4 tasks; rating: ingress + Rating
+    assert len(replicas_before) == 8  # p5ray: ingress + 4 tasks; recall: ingress; rating: ingress + Rating
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
