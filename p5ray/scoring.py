@@ -57,12 +57,17 @@ def ranks_full(
         target_scores = target_scores.masked_fill(hit.unsqueeze(1).to(target_scores.device), NEG)
     higher = torch.zeros(len(targets), dtype=torch.long, device=query.device)
     ties = torch.zeros_like(higher)
+    rows = torch.arange(len(targets), device=query.device)
     for start in range(0, table.shape[0], chunk):
         stop = min(start + chunk, table.shape[0])
         scores = _chunk_scores(query, table, start, stop, seen)
+        # the target's own column is left out: a matmul may round its score differently from
+        # target_scores, which would count the target as beating itself (rank off by one)
+        inside = (targets >= start) & (targets < stop)
+        scores[rows[inside], targets[inside] - start] = NEG
         higher += (scores > target_scores).sum(1)
         ties += (scores == target_scores).sum(1)
-    return higher + torch.div((ties - 1).clamp(min=0), 2, rounding_mode="floor")
+    return higher + torch.div(ties, 2, rounding_mode="floor")
 
 
 @torch.no_grad()

@@ -117,7 +117,8 @@ def run_epoch(
     """One pass of `steps` optimizer steps over a shuffled permutation of the local rows."""
     loss_fn.train()
     bs, max_len = cfg.train.batch_size, cfg.model.max_len
-    order = rng.permutation(len(data.rows["items"]))
+    lengths = np.fromiter((len(s) for s in data.rows["items"]), np.int64, count=len(data.rows["items"]))
+    order = dataset.bucketed_order(lengths, bs, rng) if cfg.train.bucket_by_length else rng.permutation(len(lengths))
     order = np.resize(order, steps * bs) if len(order) < steps * bs else order
     sums: dict[str, float] = {}
     skipped = 0
