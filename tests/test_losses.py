@@ -303,3 +303,15 @@ def test_cpu_bf16_epoch_runs():
     stats = run(MultiTaskLoss(model, ALPHA), tiny_cfg(precision="bf16"), epoch_data())
     assert math.isfinite(stats["loss/total"]) and stats["skipped_steps"] == 0
 
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience():
+    from p5ray.train import early_stopping
+
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0}
+    scores = [0.01, 0.03, 0.02, 0.03, float("nan"), 0.029]
+    stops = [early_stopping(state, s, e + 1, patience=3) for e, s in enumerate(scores)]
+    assert stops == [False, False, False, False, True, True]
+    assert state["best"] == 0.03 and state["best_epoch"] == 2
+    never = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0}
+    assert not any(early_stopping(never, 0.0, e, patience=0) for e in range(1, 20))
