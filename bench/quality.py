@@ -44,8 +44,9 @@ PUBLISHED = [
 def run(cmd: list[str], log: Path) -> tuple[str, float]:
     """Run a CLI step, stderr to a log; return its stdout and wall time."""
     start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    with open(log, "w") as err:  # this checkout's p5ray, also in the Ray workers (they inherit env)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
     return proc.stdout, time.perf_counter() - start
