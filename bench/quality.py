@@ -73,6 +73,19 @@ def bench_dataset(name: str, args, out: Path) -> dict:
     return result
 
 
+def write_atomic(data: str, work: Path) -> None:
+    """Our prepared split as a RecBole atomic file: timestamp = position in the user's sequence."""
+    import pyarrow.parquet as pq
+
+    seqs = pq.read_table(Path(data) / "sequences.parquet", columns=["user_idx", "items"]).to_pydict()
+    folder = work / "p5split"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "p5split.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for user, items in zip(seqs["user_idx"], seqs["items"], strict=True):
+            f.writelines(f"{user}\t{item}\t{pos}\n" for pos, item in enumerate(items))
+
+
 def recbole_peer(name: str, data: str, config: str, args, out: Path) -> dict:
     """RecBole's SASRec on the same prepared split, in its own virtualenv (bench/recbole_peer.py)."""
     import yaml
@@ -81,7 +94,9 @@ def recbole_peer(name: str, data: str, config: str, args, out: Path) -> dict:
     epochs = args.recbole_epochs or cfg.get("train", {}).get("epochs", 40)
     result_file = out / f"{name}-recbole.json"
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # RecBole's own checkpoint files only
-    cmd = [args.recbole_python, str(ROOT / "bench" / "recbole_peer.py"), "--data", data, "--work", str(out / name / "recbole"),
+    work = out / name / "recbole"
+    write_atomic(data, work)
+    cmd = [args.recbole_python, str(ROOT / "bench" / "recbole_peer.py"), "--work", str(work),
            "--epochs", str(epochs), "--dim", str(cfg.get("model", {}).get("dim", 64)),
            "--dropout", str(cfg.get("model", {}).get("dropout", 0.5)), "--output", str(result_file)]
     start = time.perf_counter()

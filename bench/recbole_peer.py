@@ -1,13 +1,14 @@
 """RecBole 1.2.1 SASRec on a p5ray prepared split (runs in RecBole's own virtualenv, not p5ray's).
 
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 /tmp/recbole-venv/bin/python bench/recbole_peer.py \
-        --data PREPARED_DIR --work WORK_DIR --epochs 80 --output peer.json
+        --work WORK_DIR --epochs 80 --output peer.json
 
-The prepared `sequences.parquet` (every interaction, time-ordered) becomes RecBole atomic files
-with timestamp = position in the user's sequence, so RecBole's leave-one-out split ('LS',
-valid_and_test, time order) holds out exactly our valid and test items; full ranking with the
-user's history masked is RecBole's default full-sort protocol, i.e. our `full/*` keys.
-TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is for RecBole's own checkpoint files (it pickles its config).
+WORK_DIR/p5split/p5split.inter is written by bench/quality.py (`write_atomic`, in p5ray's own
+environment) from the prepared `sequences.parquet`: every interaction, timestamp = position in
+the user's time-ordered sequence, so RecBole's leave-one-out split ('LS', valid_and_test, time
+order) holds out exactly our valid and test items. Full ranking with the user's history masked
+is RecBole's full-sort protocol, i.e. our `full/*` keys. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is
+for RecBole's own checkpoint files (it pickles its config), never for p5ray's.
 """
 
 from __future__ import annotations
@@ -17,26 +18,9 @@ import json
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-
-def write_atomic(data: Path, work: Path, name: str) -> int:
-    seqs = pq.read_table(data / "sequences.parquet", columns=["user_idx", "items"]).to_pydict()
-    folder = work / name
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(folder / f"{name}.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for user, items in zip(seqs["user_idx"], seqs["items"], strict=True):
-            for pos, item in enumerate(items):
-                f.write(f"{user}\t{item}\t{pos}\n")
-                n += 1
-    return n
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--dim", type=int, default=64)
@@ -45,7 +29,7 @@ def main() -> None:
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     work = Path(args.work).resolve()
-    n = write_atomic(Path(args.data), work, "p5split")
+    n = sum(1 for _ in open(work / "p5split" / "p5split.inter")) - 1
 
     from recbole.quick_start import run_recbole
 
