@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -40,6 +42,10 @@ def setup(cfg, data_dir: str, rows: dict):
         weighting=cfg.loss.weighting, logq_correction=cfg.loss.logq_correction,
         sampling_probs=train._pool_probs(items, spec.num_items),
     )
+    # a canonical row order: the plain loop and a 1-worker shard then draw identical batches
+    keys = [(int(u), tuple(np.asarray(s).tolist())) for u, s in zip(rows["user_idx"], rows["items"], strict=True)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    rows = {k: v[order] for k, v in rows.items()}
     sampler = dataset.NegativeSampler(spec.num_items, np.random.default_rng(0))
     data = train.EpochData(rows, train._user_items(train_table), sampler, train._pool_probs(items, spec.num_items))
     return loss_fn, data
@@ -70,6 +76,19 @@ def plain_loop(cfg, data_dir: str, steps: int) -> float:
     return timed_epochs(loss_fn, data, cfg, steps)
 
 
+def plain_process(args) -> float:
+    """The plain loop in a fresh process with a Ray worker's thread environment (OMP_NUM_THREADS=1):
+    an OpenMP pool sized for the whole machine but used by one thread spins and loses ~2x on a
+    busy 2-core machine, which would flatter Ray Train."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--data", args.data, "--steps", str(args.steps), "--plain-only"]
+    cmd += (["--config", args.config] if args.config else []) + [f"--set={s}" for s in args.set]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["samples_per_s"])
+
+
 def worker(loop_cfg: dict) -> None:
     """Ray Train worker: the real per-worker set-up (Ray Data shard, prepare_model), then timing."""
     import ray.train
@@ -81,7 +100,11 @@ def worker(loop_cfg: dict) -> None:
     rows = train.collect_rows(ray.train.get_dataset_shard("train"))
     loss_fn, data = setup(cfg, loop_cfg["data_dir"], rows)
     loss_fn = ray.train.torch.prepare_model(loss_fn, parallel_strategy_kwargs={"broadcast_buffers": False})
-    ray.train.report({"samples_per_s": timed_epochs(loss_fn, data, cfg, loop_cfg["steps"], rank), "rank": rank})
+    rate = timed_epochs(loss_fn, data, cfg, loop_cfg["steps"], rank)
+    # Ray Train v2 keeps metrics only with a checkpoint: hand the number over in a file
+    with open(os.path.join(loop_cfg["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"samples_per_s": rate}, f)
+    ray.train.report({"samples_per_s": rate})
 
 
 def ray_train(cfg, data_dir: str, steps: int, workers: int) -> float:
@@ -92,20 +115,24 @@ def ray_train(cfg, data_dir: str, steps: int, workers: int) -> float:
     from p5ray.raycluster import ensure_ray, train_logging_config
 
     ensure_ray(workers * cfg.train.cpus_per_worker)
+    out = tempfile.mkdtemp(prefix="p5ray-throughput-")
     ds = ray.data.read_parquet(os.path.join(data_dir, "train.parquet")).map_batches(
         dataset.explode_windows, fn_kwargs={"max_len": cfg.model.max_len}, batch_format="numpy"
     )
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"config": to_dict(cfg), "data_dir": data_dir, "steps": steps},
+        train_loop_config={"config": to_dict(cfg), "data_dir": data_dir, "steps": steps, "out": out},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=f"throughput-{workers}-{int(time.time())}", storage_path=os.path.abspath("runs"),
+        run_config=ray.train.RunConfig(name=f"throughput-{workers}-{int(time.time())}", storage_path=out,
                                        logging_config=train_logging_config()),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    # rank 0's own rate times the world size: every rank runs the same step count in lockstep
-    return float(trainer.fit().metrics["samples_per_s"]) * workers
+    trainer.fit()
+    # the ranks run the same step count in lockstep (DDP): their rates add up
+    rates = [json.loads(open(os.path.join(out, f"rank{r}.json")).read())["samples_per_s"] for r in range(workers)]
+    shutil.rmtree(out, ignore_errors=True)
+    return float(sum(rates))
 
 
 def main() -> None:
@@ -114,11 +141,15 @@ def main() -> None:
     ap.add_argument("--config", default=None)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     data_dir = os.path.abspath(args.data)
     cfg = load_config(args.config, args.set)
     cfg = replace(cfg, train={"cpus_per_worker": 1, "threads_per_worker": 1})
-    plain = plain_loop(cfg, data_dir, args.steps)
+    if args.plain_only:
+        print(json.dumps({"samples_per_s": plain_loop(cfg, data_dir, args.steps)}))
+        return
+    plain = plain_process(args)
     one = ray_train(cfg, data_dir, args.steps, 1)
     two = ray_train(cfg, data_dir, args.steps, 2)
     out = {

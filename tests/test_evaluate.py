@@ -12,7 +12,14 @@ import torch
 
 from p5ray.config import EvalConfig
 from p5ray.errors import DataError
-from p5ray.evaluate import Split, check_leakage, evaluate_model, ranking_metrics, read_split, sample_unseen
+from p5ray.evaluate import (
+    Split,
+    check_leakage,
+    evaluate_model,
+    ranking_metrics,
+    read_split,
+    sample_unseen,
+)
 from p5ray.metrics import RankingAccumulator, hit_ndcg, pairwise_auc, rmse_mae, target_ranks
 from p5ray.model import ModelSpec, P5Rec
 from p5ray.scoring import ranks_full, topk_full
