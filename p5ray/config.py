@@ -23,7 +23,6 @@ import yaml
 from p5ray.errors import ConfigError
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64  # width of item embeddings and of the transformer
