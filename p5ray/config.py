@@ -78,6 +78,7 @@ class TrainConfig:
     max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint
     keep_checkpoints: int = 2  # checkpoints kept besides the best one
     valid_users: int = 0  # validate on a fixed random subset of users (0: all)
+    bucket_by_length: bool = True  # batch windows of similar length together (less padding)
 
 
 @dataclass(frozen=True)

@@ -124,12 +124,13 @@ def evaluate_model(model: P5Rec, split: Split, item_counts: np.ndarray, cfg: Eva
             logits = model.rank_logits(states["rank"], table[cand])
             rank_pos.append(logits[:, 0])
             rank_neg.append(logits[:, 1:])
-        anchors = torch.as_tensor([int(h[-1]) if len(h) else 0 for h in hist])
-        query = model.cross_sell_query(table[anchors])  # (B, D)
-        cs = model.recall_scores(query, table[cand])
-        cs_pos.append(cs[:, 0])
-        cs_neg.append(cs[:, 1:])
-        cross_full.add(ranks_full(query, table, targets, None, cfg.chunk_items))
+        if "cross_sell" in model.spec.tasks:  # a model trained without it has no cross-sell head
+            anchors = torch.as_tensor([int(h[-1]) if len(h) else 0 for h in hist])
+            query = model.cross_sell_query(table[anchors])  # (B, D)
+            cs = model.recall_scores(query, table[cand])
+            cs_pos.append(cs[:, 0])
+            cs_neg.append(cs[:, 1:])
+            cross_full.add(ranks_full(query, table, targets, None, cfg.chunk_items))
         if split.target_ratings is not None and "rating" in model.spec.tasks:
             rating_pred.append(model.rating(states["rating"], table[targets].unsqueeze(1)).squeeze(1))
     out = {**full.result("full"), **unmasked.result("full_unmasked")}
@@ -137,8 +138,9 @@ def evaluate_model(model: P5Rec, split: Split, item_counts: np.ndarray, cfg: Eva
     out.update({k: v for k, v in sampled.result("sampled").items() if k in keep})
     if rank_pos:
         out["rank/auc"] = pairwise_auc(torch.cat(rank_pos), torch.cat(rank_neg))
-    out["cross_sell/auc"] = pairwise_auc(torch.cat(cs_pos), torch.cat(cs_neg))
-    out["cross_sell/hr@10"] = cross_full.result("x")["x/hr@10"]
+    if cs_pos:
+        out["cross_sell/auc"] = pairwise_auc(torch.cat(cs_pos), torch.cat(cs_neg))
+        out["cross_sell/hr@10"] = cross_full.result("x")["x/hr@10"]
     if rating_pred:
         pred = torch.cat(rating_pred)
         if rating_range is not None:

@@ -118,7 +118,8 @@ def run_epoch(
     """One pass of `steps` optimizer steps over a shuffled permutation of the local rows."""
     loss_fn.train()
     bs, max_len = cfg.train.batch_size, cfg.model.max_len
-    order = rng.permutation(len(data.rows["items"]))
+    lengths = np.fromiter((len(s) for s in data.rows["items"]), np.int64, count=len(data.rows["items"]))
+    order = dataset.bucketed_order(lengths, bs, rng) if cfg.train.bucket_by_length else rng.permutation(len(lengths))
     order = np.resize(order, steps * bs) if len(order) < steps * bs else order
     sums: dict[str, float] = {}
     skipped = 0
@@ -144,9 +145,10 @@ def run_epoch(
         else:
             optimizer.step()
         scheduler.step()
-        for name, value in {"total": total, **parts}.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-    out = {f"loss/{k}": v / max(1, steps) for k, v in sums.items()}
+        if torch.isfinite(norm):
+            for name, value in {"total": total, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+    out = {f"loss/{k}": v / max(1, steps - skipped) for k, v in sums.items()}
     out["skipped_steps"] = skipped
     return out
 
@@ -190,6 +192,20 @@ def _concat_objects(chunks: list) -> np.ndarray:
         out[i:i + len(c)] = list(c)
         i += len(c)
     return out
+
+
+def early_stopping(state: dict, score: float, epoch: int, patience: int) -> bool:
+    """Record a validation score in `state` (best, best_epoch, bad_epochs, epoch); True = stop.
+
+    Only a strictly better score resets the count, so a plateau stops after `patience` epochs;
+    patience 0 never stops. Not finite (a diverged model) counts as no better.
+    """
+    if math.isfinite(score) and score > state["best"] + 1e-9:
+        state.update(best=score, best_epoch=epoch, bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    return bool(patience) and state["bad_epochs"] >= patience
 
 
 # -- one Ray Train worker -------------------------------------------------------------------
@@ -364,14 +380,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         metrics.update(_validate(inner.model, valid, cfg, rank, world, device))
         if loop_cfg.get("objective"):
             metrics["objective"] = weighted_objective(metrics, loop_cfg["objective"])
-        score = metrics[SCORE]
-        if score > state["best"] + 1e-9:
-            state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
+        stop = early_stopping(state, metrics[SCORE], epoch + 1, cfg.train.patience)
         metrics["best/valid/ndcg@10"] = state["best"]
-        stop = bool(cfg.train.patience) and state["bad_epochs"] >= cfg.train.patience
         _report(metrics, inner, optimizer, scheduler, state, cfg, items, ckpt_users, data_dir, loop_cfg, rank)
         if stop:
             if rank == 0:
