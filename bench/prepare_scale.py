@@ -98,7 +98,7 @@ def baseline(log: str, out: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from p5ray import events, vocab
+    from p5ray.ingest import events, vocab
 
     df = pd.read_csv(
         log, sep="\t", names=["u", "i", "r", "t"], dtype=str, header=None, keep_default_na=False

@@ -29,9 +29,9 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from p5ray import accounting, events, features, formats, outputs, readers, vocab
 from p5ray.errors import ClusterError, UserError
-from p5ray.parsers import EVENT_SCHEMA, REASONS, LogSpec, parse_lines
+from p5ray.ingest import accounting, events, features, formats, outputs, readers, vocab
+from p5ray.ingest.parsers import EVENT_SCHEMA, REASONS, LogSpec, parse_lines
 
 log = logging.getLogger("p5ray.prepare")
 

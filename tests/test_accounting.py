@@ -3,9 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from p5ray import accounting
 from p5ray.errors import DataError
-from p5ray.parsers import LogSpec, parse_lines
+from p5ray.ingest import accounting
+from p5ray.ingest.parsers import LogSpec, parse_lines
 
 CSV = LogSpec(
     "csv",

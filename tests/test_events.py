@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from p5ray import events
-from p5ray.parsers import EVENT_SCHEMA
+from p5ray.ingest import events
+from p5ray.ingest.parsers import EVENT_SCHEMA
 
 ROLES = ("timestamp", "rating", "event")
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from p5ray import features
+from p5ray.ingest import features
 
 DATA = Path(__file__).parent.parent / "data" / "ml-100k"
 FIXTURES = Path(__file__).parent / "fixtures" / "prepare"

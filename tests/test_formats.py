@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from p5ray import formats
 from p5ray.errors import DataError
+from p5ray.ingest import formats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prepare"
 DATA = Path(__file__).parent.parent / "data"

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p5ray import outputs
 from p5ray.errors import OutputExistsError, UserError
+from p5ray.ingest import outputs
 
 SCHEMA = pa.schema([("a", pa.int32()), ("b", pa.list_(pa.int32()))])
 

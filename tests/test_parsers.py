@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from p5ray.parsers import EVENT_SCHEMA, LogSpec, parse_floats, parse_integers, parse_lines
+from p5ray.ingest.parsers import EVENT_SCHEMA, LogSpec, parse_floats, parse_integers, parse_lines
 
 CSV = LogSpec(
     "csv",

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p5ray import formats, readers
 from p5ray.errors import DataError
-from p5ray.parsers import parse_lines
+from p5ray.ingest import formats, readers
+from p5ray.ingest.parsers import parse_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "prepare"
 DATA = Path(__file__).parent.parent / "data"

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p5ray import vocab
 from p5ray.errors import DataError
+from p5ray.ingest import vocab
 
 
 def test_numbering_ignores_the_order_ids_arrive_in():

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p5ray.errors import DataError
-from p5ray.parsers import LogSpec
+from p5ray.ingest.parsers import LogSpec
 
 HEAD_BYTES = 1 << 16
 GZIP_MAGIC, PARQUET_MAGIC, BOM = b"\x1f\x8b", b"PAR1", b"\xef\xbb\xbf"

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from p5ray import events
 from p5ray.errors import OutputExistsError, UserError
+from p5ray.ingest import events
 
 ROWS_PER_GROUP = 1 << 16
 QUARANTINE_COLUMNS = ["source", "line", "reason", "raw"]

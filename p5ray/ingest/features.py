@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from p5ray.errors import DataError
-from p5ray.readers import decode
+from p5ray.ingest.readers import decode
 
 AGE_BUCKETS = ["under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 _AGE_EDGES = [18, 25, 35, 45, 50, 56]

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from p5ray.errors import DataError
-from p5ray.parsers import LogSpec
-from p5ray.readers import PARQUET_MAGIC, head_lines, read_head
+from p5ray.ingest.parsers import LogSpec
+from p5ray.ingest.readers import PARQUET_MAGIC, head_lines, read_head
 
 log = logging.getLogger("p5ray.prepare")
 

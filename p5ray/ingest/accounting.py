@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from p5ray.errors import DataError
-from p5ray.parsers import DROP_REASONS, REASONS, LogSpec
+from p5ray.ingest.parsers import DROP_REASONS, REASONS, LogSpec
 
 MAX_EVENT_TYPES = 1000
 
