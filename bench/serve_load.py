@@ -148,9 +148,9 @@ def start_bare(checkpoint: str) -> tuple[subprocess.Popen, str]:
 
 def start_serve(checkpoint: str, batch: int) -> tuple[str, str]:
     from p5ray import server
-    from tests.helpers import start_local_ray
+    from p5ray.raycluster import ensure_ray
 
-    start_local_ray()
+    ensure_ray(8)
     http_port, grpc_port = free_port(), free_port()
     config = server.serve_config(checkpoint, "127.0.0.1", http_port, grpc_port)
     config["applications"] = config["applications"][:1]  # the combined app: every route
