@@ -180,7 +180,14 @@ def run_size(label: str, copies: int, work: Path, skip_pandas: bool) -> dict:
         "--overwrite",
         "--quiet",
     ]
-    result = {"label": label, "rows": rows, "ray": measure(ray_cmd, env)}
+    for attempt in range(3):  # on an oversubscribed machine a local Ray may miss its 30 s start
+        try:
+            result = {"label": label, "rows": rows, "ray": measure(ray_cmd, env)}
+            break
+        except RuntimeError as exc:
+            if "could not start a local Ray" not in str(exc) or attempt == 2:
+                raise
+            print(f"{label}: Ray did not start, retrying", flush=True)
     if not skip_pandas:
         result["pandas"] = measure(
             [sys.executable, __file__, "--baseline", str(log), str(work / f"base-{label}")], env

@@ -185,3 +185,35 @@ def vocab_ids(rows: pa.Table) -> pa.Table:
             "id": pa.concat_arrays([users, items]),
         }
     )
+
+
+def row_counts(
+    stats: RowStats, users: dict, kept: int, users_with_rows: int, users_eval: int
+) -> dict:
+    """The manifest's accounting; rows_in = rows_kept + rows_quarantined + rows_dropped, exactly.
+
+    `users`: summed `summarize_users` rows; `kept`: interactions written to sequences.parquet.
+    """
+    quarantined = stats.quarantined
+    dropped = {
+        "blank_line": stats.blank,
+        "duplicate": users["duplicates"],
+        "short_user": users["rows_dropped_short"],
+    }
+    out = {
+        "rows_in": stats.rows_in,
+        "rows_kept": kept,
+        "rows_quarantined": sum(quarantined.values()),
+        "rows_dropped": sum(dropped.values()),
+        "quarantined_by_reason": quarantined,
+        "dropped_by_reason": dropped,
+        "interactions": kept,
+        "users_eval": users_eval,
+        "users_train_only": users_with_rows - users_eval,
+        "users_dropped": users["users_dropped"],
+    }
+    if users["rows_kept"] != kept or out["rows_in"] != (
+        out["rows_kept"] + out["rows_quarantined"] + out["rows_dropped"]
+    ):
+        raise RuntimeError(f"row accounting does not add up: {out}, {users}")
+    return out

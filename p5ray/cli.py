@@ -73,8 +73,12 @@ def _add_prepare(sub) -> None:
         default="auto",
         choices=["auto", "movielens", "sequence", "csv", "tsv", "parquet", "jsonl", "amazon-json"],
     )
-    p.add_argument("--user-features", help="user feature table (MovieLens u.user is found beside u.data)")
-    p.add_argument("--item-features", help="item feature table (MovieLens u.item is found beside u.data)")
+    p.add_argument(
+        "--user-features", help="user feature table (MovieLens u.user is found beside u.data)"
+    )
+    p.add_argument(
+        "--item-features", help="item feature table (MovieLens u.item is found beside u.data)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
     p.add_argument("--vocab-from", help="earlier prepared directory whose id indices are kept")
@@ -131,7 +135,9 @@ def _run_prepare(args) -> int:
         vocab_seed=args.vocab_seed,
     )
     manifest = prepare.run(opts)
-    summary = {k: manifest[k] for k in ("users", "items", "interactions", "rows_in", "rows_quarantined")}
+    summary = {
+        k: manifest[k] for k in ("users", "items", "interactions", "rows_in", "rows_quarantined")
+    }
     print(json.dumps(summary))
     print(f"data: {os.path.abspath(args.out)}")
     return 0
@@ -304,6 +310,45 @@ def _run_quickstart(args) -> int:
     return quickstart.run(args.workdir, args.input, args.config, args.overrides, args.user)
 
 
+def _add_submit(sub) -> None:
+    p = _verb(
+        sub,
+        "submit",
+        "Run any verb as a Ray Job on a cluster (Ray Jobs SDK): uploads this project as the working "
+        "dir, streams the job's stdout to stdout and its logs to stderr, exits 0 if the job "
+        "succeeded, 1 if it failed, 2 if it could not be submitted. Auth token: RAY_AUTH_TOKEN, "
+        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
+        "p5ray submit --address http://HEAD:8265 -- train --data /shared/ml --storage /shared/runs",
+    )
+    p.add_argument("--address", help="dashboard URL of the cluster (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument("--no-wait", action="store_true", help="submit, print the job id and return")
+    p.add_argument("--working-dir", help="directory to upload (default: the p5ray project root)")
+    job = p.add_mutually_exclusive_group()
+    job.add_argument("--status", metavar="JOB", help="print the status of job JOB")
+    job.add_argument("--logs", metavar="JOB", help="stream the logs of job JOB until it ends")
+    job.add_argument("--stop", metavar="JOB", help="stop job JOB")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- VERB ARGS... (the p5ray command to run)")
+    p.set_defaults(run=_run_submit)
+
+
+def _run_submit(args) -> int:
+    from p5ray import submit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    looking_up = args.status or args.logs or args.stop
+    if looking_up and command:
+        raise UserError("give either -- VERB ARGS... or one of --status/--logs/--stop, not both")
+    if command and command[0] != "submit":
+        try:  # the verb's own usage errors show here, before anything is uploaded
+            build_parser().parse_args(command)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    return submit.run(
+        command, args.address, wait=not args.no_wait, working_dir=args.working_dir,
+        status=args.status, logs=args.logs, stop=args.stop,
+    )
+
+
 def _add_batch_recommend(sub) -> None:
     p = _verb(
         sub,
@@ -362,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-VERBS = [_add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend, _add_quickstart]
+VERBS = [
+    _add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend, _add_submit,
+    _add_quickstart,
+]
 VERBS.append(_add_batch_recommend)
 
 

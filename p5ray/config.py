@@ -31,7 +31,9 @@ class ModelConfig:
     dropout: float = 0.3  # dropout in the encoder and towers
     emb_dropout: float = 0.3  # dropout on the summed item + position embeddings
     max_len: int = 50  # most recent items the encoder sees
-    mixture: Literal["shared_bottom", "mmoe", "ple"] = "shared_bottom"  # how task towers share experts
+    mixture: Literal["shared_bottom", "mmoe", "ple"] = (
+        "shared_bottom"  # how task towers share experts
+    )
     experts: int = 4  # experts for mmoe / ple (ple: shared experts; each task adds its own)
     tower_dim: int = 64  # hidden width of the rank / rating towers
     use_features: bool = True  # embed user / item feature columns when the data has them

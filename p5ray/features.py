@@ -73,6 +73,14 @@ def movielens_side_files(log_path: str) -> tuple[Path | None, Path | None]:
     return found[0], found[1]
 
 
+def side_files(spec, user_path: str | None, item_path: str | None) -> tuple:
+    """The feature tables to read: the given ones, else MovieLens' own beside a MovieLens log."""
+    if spec.format == "movielens" and len(spec.files) == 1:
+        found_user, found_item = movielens_side_files(spec.files[0])
+        return user_path or found_user, item_path or found_item
+    return user_path, item_path
+
+
 def read_table(path: Path, kind: str, id_col: str | None = None) -> FeatureTable:
     """A feature table for `kind` ("user" or "item"); DataError if it cannot be read at all."""
     if not path.is_file():

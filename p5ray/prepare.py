@@ -157,25 +157,35 @@ def _batches(ds, batch_size=None):
 
 def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -> dict:
     """The pipeline (module docstring); writes every file but manifest.json, returns the manifest."""
-    parsed, stats = _read(spec, ranges, opts)
-    _write_quarantine(parsed, spec, tmp)
-    users, counts = _group_by_user(parsed, spec, opts, stats)
-    del parsed  # frees the parsed events in the object store
-    user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
-    seq = _map(
-        users,
-        events.index_user_rows,
-        user_vocab=pa.array(user_vocab, pa.string()),
-        item_vocab=pa.array(item_vocab, pa.string()),
-    ).materialize()
-    del users
-    sorted_seq = _batches(seq.sort("user_idx"), batch_size=1 << 14)
-    split = outputs.write_splits(sorted_seq, tmp, len(user_vocab), len(item_vocab))
-    cross_sell = _cross_sell_events(stats, opts, spec)
-    n_pairs = _write_cross_sell(seq, cross_sell, tmp)
-    feats = _write_id_tables(tmp, spec, opts, (user_vocab, item_vocab), split, previous)
+    clock = _Clock()
+    with clock("read"):
+        parsed, stats = _read(spec, ranges, opts)
+        _write_quarantine(parsed, spec, tmp)
+    with clock("group"):
+        users, counts = _group_by_user(parsed, spec, opts, stats)
+        del parsed  # frees the parsed events in the object store
+    with clock("index"):
+        user_vocab, item_vocab, seed = _build_vocab(users, opts, previous)
+        seq = _map(
+            users,
+            events.index_user_rows,
+            user_vocab=pa.array(user_vocab, pa.string()),
+            item_vocab=pa.array(item_vocab, pa.string()),
+        ).materialize()
+        del users
+    with clock("split"):
+        sorted_seq = _batches(seq.sort("user_idx"), batch_size=1 << 14)
+        split = outputs.write_splits(sorted_seq, tmp, len(user_vocab), len(item_vocab))
+    with clock("cross_sell"):
+        cross_sell = _cross_sell_events(stats, opts, spec)
+        n_pairs = _write_cross_sell(seq, cross_sell, tmp)
+    with clock("vocab"):
+        feats = _write_id_tables(tmp, spec, opts, (user_vocab, item_vocab), split, previous)
     manifest = {
-        **_row_counts(stats, counts, split),
+        "format_version": FORMAT_VERSION,
+        **accounting.row_counts(
+            stats, counts, split.interactions, split.users_with_rows, split.users_eval
+        ),
         **_description(spec, opts, stats, split),
         "users": len(user_vocab),
         "items": len(item_vocab),
@@ -186,6 +196,7 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
         "vocab_from": str(Path(opts.vocab_from).resolve()) if opts.vocab_from else None,
         "new_users": len(user_vocab) - (len(previous.users) if previous else 0),
         "new_items": len(item_vocab) - (len(previous.items) if previous else 0),
+        "stage_s": clock.seconds,
         "files": {
             p.relative_to(tmp).as_posix(): outputs.sha256(p)
             for p in sorted(tmp.rglob("*"))
@@ -193,6 +204,20 @@ def _prepare(spec: LogSpec, ranges, opts: PrepareOptions, tmp: Path, previous) -
         },
     }
     return manifest
+
+
+class _Clock:
+    """Wall seconds per pipeline stage (manifest `stage_s`), each logged as it ends."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.time()
+        yield
+        self.seconds[stage] = round(time.time() - start, 2)
+        log.info("stage %s: %.1f s", stage, self.seconds[stage])
 
 
 def _write_quarantine(parsed, spec: LogSpec, tmp: Path) -> None:
@@ -329,7 +354,7 @@ def _cross_sell_events(stats, opts: PrepareOptions, spec: LogSpec) -> tuple[str,
 
 def _write_id_tables(tmp: Path, spec, opts, vocabs, split: outputs.SplitCounts, previous) -> dict:
     """users.parquet and items.parquet with their feature columns; returns the manifest entries."""
-    paths = _feature_paths(spec, opts)
+    paths = features.side_files(spec, opts.user_features, opts.item_features)
     out = {"user_features": {}, "item_features": {}, "feature_rows_skipped": 0}
     count_cols = (
         ("n_interactions", split.n_interactions[1:], pa.int32()),
@@ -348,42 +373,6 @@ def _write_id_tables(tmp: Path, spec, opts, vocabs, split: outputs.SplitCounts, 
                 "%s features from %s: %s", kind, path, ", ".join(out[f"{kind}_features"]) or "none"
             )
         outputs.write_id_table(tmp / f"{kind}s.parquet", kind, ids, count, feature_cols)
-    return out
-
-
-def _feature_paths(spec, opts: PrepareOptions):
-    user_path, item_path = opts.user_features, opts.item_features
-    if spec.format == "movielens" and len(spec.files) == 1:
-        found_user, found_item = features.movielens_side_files(spec.files[0])
-        user_path, item_path = user_path or found_user, item_path or found_item
-    return user_path, item_path
-
-
-def _row_counts(stats, counts: dict, split: outputs.SplitCounts) -> dict:
-    """The SPEC's accounting: rows_in = rows_kept + rows_quarantined + rows_dropped, exactly."""
-    quarantined = stats.quarantined
-    dropped = {
-        "blank_line": stats.blank,
-        "duplicate": counts["duplicates"],
-        "short_user": counts["rows_dropped_short"],
-    }
-    out = {
-        "format_version": FORMAT_VERSION,
-        "rows_in": stats.rows_in,
-        "rows_kept": split.interactions,
-        "rows_quarantined": sum(quarantined.values()),
-        "rows_dropped": sum(dropped.values()),
-        "quarantined_by_reason": quarantined,
-        "dropped_by_reason": dropped,
-        "interactions": split.interactions,
-        "users_eval": split.users_eval,
-        "users_train_only": split.users_with_rows - split.users_eval,
-        "users_dropped": counts["users_dropped"],
-    }
-    if counts["rows_kept"] != split.interactions or out["rows_in"] != (
-        out["rows_kept"] + out["rows_quarantined"] + out["rows_dropped"]
-    ):
-        raise RuntimeError(f"row accounting does not add up: {out}, {counts}")
     return out
 
 

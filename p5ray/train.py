@@ -28,6 +28,7 @@ from p5ray import checkpoint as ckpt
 from p5ray import dataset
 from p5ray.config import Config, from_dict, to_dict
 from p5ray.evaluate import ranking_metrics
+from p5ray.hardware import autocast_dtype, bf16_supported, collective_device, torch_backend
 from p5ray.losses import GradNormBalancer, MultiTaskLoss
 from p5ray.model import ModelSpec, P5Rec
 from p5ray.tasks import active_tasks
@@ -122,7 +123,7 @@ def run_epoch(
     sums: dict[str, float] = {}
     skipped = 0
     inner = loss_fn.module if hasattr(loss_fn, "module") else loss_fn
-    autocast = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    amp = autocast_dtype(cfg.train.precision, device.type, bf16_supported(device))
     for step in range(steps):
         idx = order[step * bs:(step + 1) * bs]
         rows = {k: v[idx] for k, v in data.rows.items()}
@@ -130,7 +131,7 @@ def run_epoch(
         pool = torch.multinomial(data.pool_probs, cfg.loss.num_negatives, replacement=True)
         batch["negatives"] = pool
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             total, parts = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         if balancer is not None and balancer.due(global_step + step):
@@ -197,7 +198,7 @@ def _concat_objects(chunks: list) -> np.ndarray:
 def _all_reduce(values: list[float], op=None) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(dist.get_backend()))
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
@@ -450,7 +451,7 @@ def fit(
 ) -> FitResult:
     """Train with Ray Train on cfg.train.num_workers workers; return the best checkpoint."""
     from p5ray.errors import OutputExistsError, P5RayError, UserError
-    from p5ray.raycluster import ensure_ray, storage_path
+    from p5ray.raycluster import check_shared_storage, ensure_ray, storage_path
 
     data_dir = str(dataset.check_data_dir(data_dir).resolve())
     manifest = dataset.read_manifest(data_dir)
@@ -466,6 +467,7 @@ def fit(
         init_from = str(Path(init_from).resolve())
         ckpt.read_meta(init_from)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    check_shared_storage(storage)  # multi-node: every node must see a local --storage path
     trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest)
     try:
         result = trainer.fit()
@@ -501,15 +503,22 @@ def build_trainer(
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from p5ray.raycluster import train_logging_config, verbose
+    from p5ray.raycluster import train_logging_config, verbose, worker_plan
 
     manifest = manifest or dataset.read_manifest(data_dir)
+    plan = worker_plan(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     train_ds = ray.data.read_parquet(os.path.join(data_dir, "train.parquet")).map_batches(
         dataset.explode_windows, fn_kwargs={"max_len": cfg.model.max_len}, batch_format="numpy"
     )
-    valid_ds = ray.data.read_parquet(os.path.join(data_dir, "valid.parquet"), columns=["user_idx", "history", "target"])
+    if plan.read_first:  # no CPU to spare for streaming once the workers hold theirs
+        train_ds = train_ds.materialize()
+    # every worker reads the whole valid split: read it once, now, rather than once per worker
+    # while the workers hold their CPUs (on a small cluster those reads would wait for CPUs)
+    valid_ds = ray.data.read_parquet(
+        os.path.join(data_dir, "valid.parquet"), columns=["user_idx", "history", "target"]
+    ).materialize()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -517,10 +526,11 @@ def build_trainer(
             "verbose": verbose(), "rating_min": manifest.get("rating_min"), "rating_max": manifest.get("rating_max"),
             "objective": objective, "resume_from": resume_from,
         },
+        torch_config=TorchConfig(backend=torch_backend(cfg.train.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker=plan.resources_per_worker,
         ),
         run_config=ray.train.RunConfig(
             name=name,

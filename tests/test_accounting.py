@@ -58,3 +58,13 @@ def test_verdicts():
     )
     with pytest.raises(DataError, match="no data rows"):
         accounting.check_rows(stats_of((0, ["", " "])), CSV, max_bad_fraction=1.0)
+
+
+def test_row_counts_add_up_or_refuse():
+    stats = stats_of((0, ["u,i", "u,i", "bad", ""]))
+    users = {"duplicates": 1, "rows_dropped_short": 0, "users_dropped": 0, "rows_kept": 1}
+    out = accounting.row_counts(stats, users, kept=1, users_with_rows=1, users_eval=0)
+    assert (out["rows_in"], out["rows_kept"], out["rows_quarantined"], out["rows_dropped"]) == (4, 1, 1, 2)
+    assert out["dropped_by_reason"] == {"blank_line": 1, "duplicate": 1, "short_user": 0}
+    with pytest.raises(RuntimeError, match="does not add up"):
+        accounting.row_counts(stats, {**users, "duplicates": 0}, kept=1, users_with_rows=1, users_eval=0)
