@@ -156,6 +156,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify_files: boo
     model = P5Rec(spec_from_dict(meta["spec"]))
     try:
         state = torch.load(path / "model.pt", map_location=device, weights_only=True)
+        for key, value in state.items():  # feature value tables: their width (values per entity) is data
+            module, found, name = key.rpartition(".values_")
+            if found:
+                model.get_submodule(module).set_values(name, value)
         model.load_state_dict(state)
     except Exception as exc:
         raise CheckpointError(f"{path}/model.pt cannot be loaded: {exc}") from None
