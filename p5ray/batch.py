@@ -226,17 +226,14 @@ def run(opts: BatchOptions) -> dict:
     summary = {"users": len(user_ids), "unknown_users": len(unknown), "k": opts.k,
                "model_version": meta.get("model_version"), "out": str(out)}
     with ray_session(opts):
-        start = time.perf_counter()
-        rows = write_output(score(user_ids, "recommend", opts), out, RECOMMENDATIONS, opts.overwrite, len(user_ids), "users")
-        elapsed = time.perf_counter() - start
-        summary.update(rows=rows, elapsed_s=round(elapsed, 2), users_per_s=round(len(user_ids) / max(elapsed, 1e-9), 1))
+        done = write_output(score(user_ids, "recommend", opts), out, RECOMMENDATIONS, opts.overwrite, len(user_ids), "users")
+        summary.update(rows=done.rows, **done.rates())
         log.info("batch-recommend: %d users, %d rows in %.1f s: %.1f users/s (%d worker(s))",
-                 len(user_ids), rows, elapsed, summary["users_per_s"], opts.num_workers)
+                 len(user_ids), done.rows, summary["elapsed_s"], summary["users_per_s"], opts.num_workers)
         if cross_out is not None:
             item_ids = items.column("item_id").to_pylist()
-            summary["cross_sell_rows"] = write_output(score(item_ids, "cross_sell", opts), cross_out, CROSS_SELL,
-                                                      opts.overwrite, len(item_ids), "items")
-            summary["cross_sell_out"] = str(cross_out)
+            crossed = write_output(score(item_ids, "cross_sell", opts), cross_out, CROSS_SELL, opts.overwrite, len(item_ids), "items")
+            summary.update(cross_sell_rows=crossed.rows, cross_sell_out=str(cross_out))
     return summary
 
 
@@ -281,7 +278,7 @@ def score(ids: list[str], task: str, opts: BatchOptions) -> Iterable[pa.Table]:
     return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def write_output(batches: Iterable[pa.Table], out: Path, schema: pa.Schema, overwrite: bool, total: int, noun: str) -> int:
+def write_output(batches: Iterable[pa.Table], out: Path, schema: pa.Schema, overwrite: bool, total: int, noun: str) -> Progress:
     """Stream batches into Parquet under a temporary name beside `out`, then rename it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -298,7 +295,7 @@ def write_output(batches: Iterable[pa.Table], out: Path, schema: pa.Schema, over
         outputs.publish(staged, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return parts.rows
+    return progress
 
 
 class PartWriter:
@@ -336,21 +333,34 @@ class Progress:
 
     def __init__(self, total: int, noun: str):
         self.total, self.noun = total, noun
-        self.done_count = self.rows = 0
+        self.count = self.rows = 0
         self.start = self.last = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (seconds, count) when the first batch arrived
+        self.end = self.start
 
     def update(self, count: int, rows: int) -> None:
-        self.done_count += count
+        self.count += count
         self.rows += rows
         now = time.perf_counter()
+        if self.first is None:
+            self.first = (now - self.start, self.count)
         if now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             self._log(now)
 
     def _log(self, now: float) -> None:
-        rate = self.done_count / max(now - self.start, 1e-9)
-        log.info("%d/%d %s (%.0f%%), %d rows, %.1f %s/s", self.done_count, self.total, self.noun,
-                 100 * self.done_count / max(self.total, 1), self.rows, rate, self.noun)
+        rate = self.count / max(now - self.start, 1e-9)
+        log.info("%d/%d %s (%.0f%%), %d rows, %.1f %s/s", self.count, self.total, self.noun,
+                 100 * self.count / max(self.total, 1), self.rows, rate, self.noun)
 
     def done(self) -> None:
-        self._log(time.perf_counter())
+        self.end = time.perf_counter()
+        self._log(self.end)
+
+    def rates(self) -> dict:
+        """Throughput over the whole run, and after the first batch (actors started, model loaded)."""
+        elapsed = self.end - self.start
+        first_s, first_n = self.first or (elapsed, self.count)
+        steady = (self.count - first_n) / (elapsed - first_s) if elapsed > first_s and self.count > first_n else 0.0
+        return {"elapsed_s": round(elapsed, 2), f"{self.noun}_per_s": round(self.count / max(elapsed, 1e-9), 1),
+                "first_batch_s": round(first_s, 2), f"steady_{self.noun}_per_s": round(steady, 1)}
