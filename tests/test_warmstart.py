@@ -18,8 +18,10 @@ import torch
 from p5ray import checkpoint as ckpt
 from p5ray import dataset, evaluate, prepare, server, train
 from p5ray.config import Config, load_config, replace
+from p5ray.errors import CheckpointError
 from p5ray.warmstart import warm_start
 from tests.helpers import DATA, TINY, TINY_MODEL, make_checkpoint
+from tests.helpers_data import prepare_ml100k
 
 EPOCHS_YESTERDAY = 3
 EPOCHS_TODAY = 1
@@ -46,6 +48,14 @@ def test_warm_start_copies_known_items_by_id_and_keeps_new_rows_fresh(tmp_path):
     assert torch.equal(weights[1:11], fresh_rows[1:11])  # i61..i70 keep the fresh initialisation
     encoder = "encoder.norm.weight"
     assert torch.equal(model.state_dict()[encoder], old.model.state_dict()[encoder])
+
+
+def test_a_checkpoint_of_another_width_is_refused_before_ray_starts(tmp_path):
+    old = make_checkpoint(tmp_path / "old")  # model.dim 16
+    data = prepare_ml100k(tmp_path / "data", max_users=20)
+    with pytest.raises(CheckpointError, match="model width 16 differs from model.dim 64") as info:
+        train.fit(str(data), Config(), storage=str(tmp_path / "runs"), init_from=str(old))
+    assert info.value.exit_code == 2 and not (tmp_path / "runs").exists()
 
 
 # -- the day-to-day cycle on real data -------------------------------------------------------------
