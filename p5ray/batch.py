@@ -259,8 +259,6 @@ def score(ids: list[str], task: str, opts: BatchOptions) -> Iterable[pa.Table]:
     """Blocks of `batch_size` ids -> TopK on an actor pool -> result batches in input order."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
     column = "user_id" if task == "recommend" else "item_id"
     blocks = [pa.table({column: pa.array(ids[i:i + opts.batch_size], pa.string())}) for i in range(0, len(ids), opts.batch_size)]
     ds = ray.data.from_arrow(blocks).map_batches(
@@ -275,6 +273,7 @@ def score(ids: list[str], task: str, opts: BatchOptions) -> Iterable[pa.Table]:
         num_cpus=opts.cpus_per_worker,
         num_gpus=1 if opts.use_gpu else 0,
     )
+    ds.context.execution_options.preserve_order = True  # the output follows the users' index order
     return ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
