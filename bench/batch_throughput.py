@@ -85,11 +85,11 @@ def main() -> int:
         checkpoint = args.checkpoint or str(checkpoint_for_data(args.data, work / "ckpt"))
         start_local_ray(num_cpus=max(os.cpu_count() or 1, max(args.workers) + 2))
         ensure_ray()
-        started = time.strftime("%Y-%m-%d %H:%M")
+        started, load_before = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()
         runs = measure(checkpoint, args.data, args.workers, args.k, user_subset(args.data, args.users, work / "users.txt"),
                        args.batch_size, work)
     result = {"date": started, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-              "load_average": os.getloadavg(), "checkpoint": args.checkpoint or "untrained, default model config",
+              "load_average_before_after": [round(load_before[0], 1), round(os.getloadavg()[0], 1)], "checkpoint": args.checkpoint or "untrained, default model config",
               "data": args.data, "k": args.k, "batch_size": args.batch_size, "runs": runs}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

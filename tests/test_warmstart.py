@@ -23,7 +23,7 @@ from p5ray.warmstart import warm_start
 from tests.helpers import DATA, TINY, TINY_MODEL, make_checkpoint
 from tests.helpers_data import prepare_ml100k
 
-EPOCHS_YESTERDAY = 3
+EPOCHS_YESTERDAY = 2
 EPOCHS_TODAY = 1
 YESTERDAY_FRACTION = 0.8
 
