@@ -349,6 +349,50 @@ def _run_submit(args) -> int:
     )
 
 
+def _add_batch_recommend(sub) -> None:
+    p = _verb(
+        sub,
+        "batch-recommend",
+        "Top-K for every user (or the --users listed) with Ray Data: the checkpoint loaded once per "
+        "actor, the same answers as POST /v1/recommend (seen items masked), written as Parquet "
+        "(user_id, rank, item_id, score); --cross-sell also writes per-item cross-sell lists.",
+        "p5ray batch-recommend --checkpoint runs/NAME/checkpoint_epoch_0040 --data prepared/ml-100k "
+        "--k 50 --out top50.parquet",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (printed by `p5ray train`)")
+    p.add_argument("--data", required=True, help="the prepared data directory the checkpoint was trained on")
+    p.add_argument("--k", type=int, default=50, help="items per user, 1..1000")
+    p.add_argument("--out", required=True, help="FILE.parquet (one file) or a directory of part files")
+    p.add_argument("--users", help="only these users: a file with one raw user id a line (or a Parquet user_id column)")
+    p.add_argument("--num-workers", type=int, default=1, help="actors, each holding the model once")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    p.add_argument("--cross-sell", action="store_true", help="also write per-item cross-sell lists beside --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--batch-size", type=int, default=256, help="users per batch")
+    p.add_argument("--chunk-items", type=int, default=65536, help="catalog chunk of the scoring (bounds memory)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (and torch threads) per actor")
+    p.set_defaults(run=_run_batch_recommend)
+
+
+def _run_batch_recommend(args) -> int:
+    from p5ray import batch
+
+    if not args.verbose:  # importing ray.data resets its logger to INFO
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    opts = batch.BatchOptions(
+        checkpoint=args.checkpoint, data=args.data, out=args.out, k=args.k, users=args.users,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, cross_sell=args.cross_sell,
+        overwrite=args.overwrite, batch_size=args.batch_size, chunk_items=args.chunk_items,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+    summary = batch.run(opts)
+    print(json.dumps(summary))
+    print(f"recommendations: {summary['out']}")
+    if "cross_sell_out" in summary:
+        print(f"cross_sell: {summary['cross_sell_out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="p5ray",
@@ -367,6 +411,7 @@ VERBS = [
     _add_prepare, _add_train, _add_evaluate, _add_tune, _add_serve, _add_recommend, _add_submit,
     _add_quickstart,
 ]
+VERBS.append(_add_batch_recommend)
 
 
 def _setup_logging(args) -> None:

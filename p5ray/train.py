@@ -474,8 +474,10 @@ def fit(
     if resume and not exists and "://" not in storage:
         raise UserError(f"--resume: no run at {run_dir}", "give the --storage and --name of the run to continue")
     if init_from:
+        from p5ray.warmstart import check_init_from
+
         init_from = str(Path(init_from).resolve())
-        ckpt.read_meta(init_from)
+        check_init_from(init_from, cfg.model.dim)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     check_shared_storage(storage)  # multi-node: every node must see a local --storage path
     trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest)

@@ -31,13 +31,19 @@ def item_index_map(old_items: pa.Table, new_items: pa.Table) -> tuple[torch.Tens
     return torch.tensor(new_rows, dtype=torch.long), torch.tensor(old_rows, dtype=torch.long)
 
 
-def warm_start(model: P5Rec, init_from: str, new_items: pa.Table) -> dict:
-    old = ckpt.load(init_from)
-    if old.model.spec.dim != model.spec.dim:
+def check_init_from(init_from: str, dim: int) -> None:
+    """Before any Ray starts: the checkpoint is there and has this model width (else exit 2)."""
+    old_dim = ckpt.read_meta(init_from).get("spec", {}).get("dim")
+    if old_dim != dim:
         raise CheckpointError(
-            f"--init-from {init_from}: model width {old.model.spec.dim} differs from model.dim {model.spec.dim}",
+            f"--init-from {init_from}: model width {old_dim} differs from model.dim {dim}",
             "warm start needs the same model shape; drop --init-from or match model.dim",
         )
+
+
+def warm_start(model: P5Rec, init_from: str, new_items: pa.Table) -> dict:
+    check_init_from(init_from, model.spec.dim)
+    old = ckpt.load(init_from)
     new_rows, old_rows = item_index_map(old.items, new_items)
     old_state, state = old.model.state_dict(), model.state_dict()
     copied, fresh = 0, []
