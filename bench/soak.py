@@ -42,12 +42,23 @@ class Answer:
 
 
 def body(i: int, users: int = 20) -> dict:
+    """Request i: user u1..u20 in turn (the users of tests.helpers.make_checkpoint)."""
     return {"user_id": f"u{i % users + 1}", "k": 10}
 
 
+def bodies_of(checkpoint: str, users: int = 200):
+    """Request i for a real checkpoint: its first `users` known users in turn (the warm path:
+    recall -> rank -> cross-sell, not the cold-start shortcut)."""
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(Path(checkpoint) / "users.parquet", columns=["user_id"]).column("user_id").to_pylist()[:users]
+    return lambda i: {"user_id": ids[i % len(ids)], "k": 10}
+
+
 async def open_loop(url: str, rate: float, duration_s: float, route: str = "/v1/recommend",
-                    make_body=body, timeout_s: float = 30.0) -> list[Answer]:
-    """Send `rate` requests a second for `duration_s` (request i at i / rate); every answer."""
+                    make_body=body, timeout_s: float = 30.0, stop: asyncio.Event | None = None) -> list[Answer]:
+    """Send `rate` requests a second for `duration_s` (request i at i / rate), or until `stop` is
+    set; every answer."""
     import httpx
 
     answers: list[Answer] = []
@@ -69,6 +80,8 @@ async def open_loop(url: str, rate: float, duration_s: float, route: str = "/v1/
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if stop is not None and stop.is_set():
+                break
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
     return sorted(answers, key=lambda a: a.sent_s)
@@ -149,12 +162,12 @@ def memory_change(start: dict[int, dict], end: dict[int, dict]) -> list[dict]:
             for pid in sorted(start) if pid in end]
 
 
-def soak(url: str, rate: float, duration_s: float, pids, warmup_s: float = 5.0) -> dict:
+def soak(url: str, rate: float, duration_s: float, pids, warmup_s: float = 5.0, make_body=body) -> dict:
     """Warm up, read RSS, run the load, read RSS again: the whole report. `pids()` lists the
     serving processes (called at both ends; a process that died or appeared shows as such)."""
-    asyncio.run(open_loop(url, rate, warmup_s))
+    asyncio.run(open_loop(url, rate, warmup_s, make_body=make_body))
     start = memory(pids())
-    answers = asyncio.run(open_loop(url, rate, duration_s))
+    answers = asyncio.run(open_loop(url, rate, duration_s, make_body=make_body))
     end = memory(pids())
     report = {"url": url, "rate_per_s": rate, "duration_s": duration_s, **summary(answers),
               "memory": memory_change(start, end),
@@ -201,13 +214,14 @@ def main(argv=None) -> int:
     if bool(args.checkpoint) == bool(args.url):
         parser.error("give --checkpoint or --url")
     process = None
+    make_body = bodies_of(args.checkpoint) if args.checkpoint else body
     if args.checkpoint:
         process, url = start_server(args.checkpoint)
         pids = lambda: descendants(process.pid)  # noqa: E731
     else:
         url, pids = args.url, list
     try:
-        report = soak(url, args.rate, args.duration, pids)
+        report = soak(url, args.rate, args.duration, pids, make_body=make_body)
     finally:
         if process is not None:
             process.send_signal(signal.SIGINT)  # the serve verb shuts Serve and its Ray down

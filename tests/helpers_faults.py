@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,19 @@ from pathlib import Path
 import torch
 
 from tests.helpers import ROOT
+
+
+def main_in_process(argv: list[str]) -> int:
+    """`p5ray ARGV` through cli.main in this process (its exit code), leaving the p5ray logger
+    as it found it: cli.main points it at the sys.stderr of the moment (pytest's capture)."""
+    from p5ray import cli
+
+    logger = logging.getLogger("p5ray")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        return cli.main(argv)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def session_address() -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from p5ray import cli
 from tests.helpers import ROOT
+from tests.helpers_faults import main_in_process
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
 
@@ -57,7 +57,7 @@ def test_bad_data_file_is_refused_with_one_line_and_no_output(case, tmp_path, ca
     name, extra, expect = CORPUS[case]
     path = input_path(name, tmp_path)
     out = tmp_path / "out"
-    assert cli.main(["prepare", "--input", str(path), "--out", str(out), "--quiet", *extra]) == 2
+    assert main_in_process(["prepare", "--input", str(path), "--out", str(out), "--quiet", *extra]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"p5ray prepare: error: {path}"), captured.err
@@ -67,7 +67,7 @@ def test_bad_data_file_is_refused_with_one_line_and_no_output(case, tmp_path, ca
 
 
 def test_the_process_exit_code_is_2():
-    """The table runs cli.main in-process; the real process exits with the same code."""
+    """The table runs cli.main in this process; the real process exits with the same code."""
     done = subprocess.run([sys.executable, "-m", "p5ray.cli", "prepare", "--input", str(BAD / "empty.csv"),
                            "--out", "/nonexistent/out", "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,

@@ -246,8 +246,8 @@ def test_stalled_replica_is_detected_and_replaced(served):
     events: dict[str, float] = {}
 
     async def load_until_replaced():
-        start = time.perf_counter()
-        load = asyncio.create_task(soak.open_loop(served.url, rate=5, duration_s=60, timeout_s=60))
+        start, stop = time.perf_counter(), asyncio.Event()
+        load = asyncio.create_task(soak.open_loop(served.url, rate=5, duration_s=150, timeout_s=60, stop=stop))
         while not list(served.fault_dir.glob("stalled-*")):
             assert time.perf_counter() - start < 30, "no replica picked up the stall"
             await asyncio.sleep(0.1)
@@ -258,6 +258,8 @@ def test_stalled_replica_is_detected_and_replaced(served):
             assert time.perf_counter() - start < 120, "the stalled replica was not replaced"
             await asyncio.sleep(0.25)
         events["replaced"] = time.perf_counter() - start
+        await asyncio.sleep(5)  # and answers after the replacement
+        stop.set()
         return await load
 
     retried = ingress_retries()

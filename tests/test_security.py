@@ -13,6 +13,7 @@ from p5ray import checkpoint as ckpt
 from p5ray import cli, server
 from p5ray.errors import CheckpointError
 from tests.helpers import make_checkpoint
+from tests.helpers_faults import main_in_process
 
 
 def test_servers_bind_loopback_unless_told_otherwise():
@@ -50,10 +51,11 @@ def test_pickled_code_in_a_resume_checkpoint_never_runs(tmp_path, name):
 def test_the_auth_token_never_reaches_the_output(monkeypatch, capsys):
     token = f"p5ray-test-secret-{secrets.token_hex(8)}"
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.setenv("P5RAY_VERBOSE", "0")  # --verbose sets it for the process; undone after the test
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = cli.main(["submit", "--verbose", "--address", f"http://127.0.0.1:{port}", "--",
+    code = main_in_process(["submit", "--verbose", "--address", f"http://127.0.0.1:{port}", "--",
                      "evaluate", "--checkpoint", "/no/ckpt", "--data", "/no/data"])
     captured = capsys.readouterr()
     assert code == 2
