@@ -6,7 +6,7 @@
 The load is open-loop: request i is sent at start + i / rate whether or not earlier ones have
 answered, so a slow or failing server cannot slow the load down and hide it. Every answer that is
 not a 200 (or no answer within --timeout) is an error. The resident memory (RSS) of every serving
-process is read at the start and at the end: the `p5ray serve` process and all its descendants
+process is read at evenly spaced moments of the load: the `p5ray serve` process and all its descendants
 (Ray's raylet and GCS, the Serve controller, proxy and every replica). Prints one JSON object;
 exits 1 on any error. tests/test_faults_serve.py runs a 10-second version and reuses `open_loop`.
 """
@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,13 @@ def process_name(pid: int) -> str:
     words = [w.decode(errors="replace") for w in argv if w]
     named = [w for w in words if w.startswith("ray::")]  # Ray names its actor processes
     if named:
-        return named[0]
-    return " ".join(Path(w).name if i == 0 else w for i, w in enumerate(words[:3]))
+        return named[0].split(".")[0]
+    if not words:
+        return "?"
+    if "-m" in words[:3]:
+        return f"python -m {words[words.index('-m') + 1]}"
+    scripts = [Path(w).name for w in words[1:3] if w.endswith(".py")]
+    return scripts[0] if scripts else Path(words[0]).name
 
 
 def descendants(root: int) -> list[int]:
@@ -155,25 +161,47 @@ def memory(pids: list[int]) -> dict[int, dict]:
             for pid in pids if (rss := rss_bytes(pid)) is not None}
 
 
-def memory_change(start: dict[int, dict], end: dict[int, dict]) -> list[dict]:
-    """Per process alive at both ends: RSS at the start and the end (MB)."""
-    return [{"pid": pid, "name": start[pid]["name"], "start_mb": start[pid]["rss_mb"], "end_mb": end[pid]["rss_mb"],
-             "growth_mb": round(end[pid]["rss_mb"] - start[pid]["rss_mb"], 1)}
-            for pid in sorted(start) if pid in end]
+def memory_change(series: list[dict[int, dict]]) -> list[dict]:
+    """Per process alive at the first and last reading: RSS at each reading (MB) and the growth
+    over the whole load and over its second half (a leak grows in both; warm-up in the first)."""
+    first, last, half = series[0], series[-1], series[len(series) // 2]
+    rows = []
+    for pid in sorted(first):
+        if pid not in last:
+            continue
+        rss = [reading.get(pid, {}).get("rss_mb") for reading in series]
+        rows.append({"pid": pid, "name": first[pid]["name"], "rss_mb": rss,
+                     "growth_mb": round(last[pid]["rss_mb"] - first[pid]["rss_mb"], 1),
+                     "second_half_growth_mb": round(last[pid]["rss_mb"] - half.get(pid, last[pid])["rss_mb"], 1)})
+    return rows
 
 
-def soak(url: str, rate: float, duration_s: float, pids, warmup_s: float = 5.0, make_body=body) -> dict:
-    """Warm up, read RSS, run the load, read RSS again: the whole report. `pids()` lists the
-    serving processes (called at both ends; a process that died or appeared shows as such)."""
+def soak(url: str, rate: float, duration_s: float, pids, warmup_s: float = 5.0, make_body=body,
+         readings: int = 5) -> dict:
+    """Warm up, then the load, with the RSS of every serving process read `readings` times,
+    evenly from its start to its end: the whole report. `pids()` lists the serving processes (a
+    process that died or appeared during the load shows as such)."""
     asyncio.run(open_loop(url, rate, warmup_s, make_body=make_body))
-    start = memory(pids())
+    series = [memory(pids())]
+    done = threading.Event()
+
+    def read_memory():
+        for _ in range(readings - 2):
+            if done.wait(duration_s / (readings - 1)):
+                return
+            series.append(memory(pids()))
+
+    reader = threading.Thread(target=read_memory, daemon=True)
+    reader.start()
     answers = asyncio.run(open_loop(url, rate, duration_s, make_body=make_body))
-    end = memory(pids())
+    done.set()
+    reader.join()
+    series.append(memory(pids()))
+    start, end = series[0], series[-1]
     report = {"url": url, "rate_per_s": rate, "duration_s": duration_s, **summary(answers),
-              "memory": memory_change(start, end),
+              "memory": memory_change(series),
               "processes_gone": sorted(set(start) - set(end)), "processes_new": sorted(set(end) - set(start))}
-    report["serving_rss_start_mb"] = round(sum(p["start_mb"] for p in report["memory"]), 1)
-    report["serving_rss_end_mb"] = round(sum(p["end_mb"] for p in report["memory"]), 1)
+    report["serving_rss_mb"] = [round(sum(p["rss_mb"][i] or 0 for p in report["memory"]), 1) for i in range(len(series))]
     return report
 
 
@@ -209,6 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--url", help="or soak a server that is already running (RSS: not measured)")
     parser.add_argument("--rate", type=float, default=10.0, help="requests a second")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of load")
+    parser.add_argument("--readings", type=int, default=5, help="RSS readings, evenly over the load")
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.url):
@@ -221,7 +250,7 @@ def main(argv=None) -> int:
     else:
         url, pids = args.url, list
     try:
-        report = soak(url, args.rate, args.duration, pids, make_body=make_body)
+        report = soak(url, args.rate, args.duration, pids, make_body=make_body, readings=max(2, args.readings))
     finally:
         if process is not None:
             process.send_signal(signal.SIGINT)  # the serve verb shuts Serve and its Ray down

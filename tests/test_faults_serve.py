@@ -149,9 +149,9 @@ def test_http_listens_on_loopback_only(served):
 
 
 def test_soak_ten_seconds_zero_errors_and_memory(served):
-    report = soak.soak(served.url, rate=8, duration_s=10, pids=soak.serve_actor_pids, warmup_s=3)
+    report = soak.soak(served.url, rate=8, duration_s=10, pids=soak.serve_actor_pids, warmup_s=3, readings=2)
     print(f"\nsoak 10 s at 8/s: {report['requests']} requests, {report['errors']} errors, p50 {report['p50_ms']} ms, "
-          f"p99 {report['p99_ms']} ms; serving RSS {report['serving_rss_start_mb']} -> {report['serving_rss_end_mb']} MB")
+          f"p99 {report['p99_ms']} ms; serving RSS {report['serving_rss_mb'][0]} -> {report['serving_rss_mb'][-1]} MB")
     assert report["errors"] == 0, report["errors_by_kind"]
     assert report["requests"] == 80 and not report["processes_gone"]
     assert len(report["memory"]) >= 10  # controller, proxy, ingress x2, 4 tasks x 2 replicas

@@ -144,6 +144,7 @@ def test_killed_driver_then_killed_worker_the_run_ends_on_the_reference_weights(
 
     resumed = cli_process(*args, "--resume", fault="pause rank=1 epoch=2 step=3", fault_dir=faults_dir)
     worker_killed = kill(int(wait_for_file(faults_dir / "pause-rank-1.pid", resumed)))
+    resumed_s = worker_killed - driver_killed  # from the driver's death to the resumed run at epoch 2
     code, out, err = finish(resumed)
     assert code == 0, err[-3000:]
 
@@ -156,8 +157,9 @@ def test_killed_driver_then_killed_worker_the_run_ends_on_the_reference_weights(
     reference = reference_epoch(tiny_checkpoint, 2)
     diff = max_weight_diff(epoch2, reference)
     ours, theirs = (json.loads((p / "meta.json").read_text())["metrics"]["valid/ndcg@10"] for p in (epoch2, reference))
-    print(f"\ndriver kill -> --resume -> worker kill: epoch 2 checkpoint {(epoch2 / 'meta.json').stat().st_mtime - worker_killed:.1f} s "
-          f"after the worker kill; max weight diff {diff:.3g}; valid/ndcg@10 {ours:.6f} vs {theirs:.6f}")
+    print(f"\ndriver kill -> --resume: back at epoch 2, step 3 {resumed_s:.1f} s after the driver kill; worker kill -> "
+          f"epoch 2 checkpoint {(epoch2 / 'meta.json').stat().st_mtime - worker_killed:.1f} s after it; "
+          f"max weight diff {diff:.3g}; valid/ndcg@10 {ours:.6f} vs {theirs:.6f}")
     assert diff <= TOLERANCE and abs(ours - theirs) <= TOLERANCE
 
 
