@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException
 
@@ -36,6 +36,8 @@ def to_domain(exc: BaseException) -> P5RayError | None:
         return InvalidRequestError(validation_message(exc.errors(include_input=False)))
     if isinstance(exc, BackPressureError | DeploymentUnavailableError):
         return OverloadedError("the server is over capacity; retry with backoff")
+    if isinstance(exc, RayActorError):  # a replica died twice in one request (serve.call_task retried once)
+        return OverloadedError("a serving replica failed while answering; retry")
     return None
 
 
@@ -97,6 +99,13 @@ async def _request_invalid(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's HTTP errors as they are, except FastAPI's 400 for a body it cannot parse at
+    all (invalid UTF-8, JSON nested too deep, a number too long): bad input, so 422 like the rest."""
+    status = 422 if exc.status_code == 400 else exc.status_code
+    return JSONResponse({"detail": exc.detail}, status_code=status, headers=getattr(exc, "headers", None))
+
+
 def make_api(title: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     api = FastAPI(
         title=title,
@@ -106,7 +115,8 @@ def make_api(title: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     )
     api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     api.add_exception_handler(RequestValidationError, _request_invalid)
-    for kind in (P5RayError, RayTaskError, BackPressureError, DeploymentUnavailableError):
+    api.add_exception_handler(HTTPException, _http_error)
+    for kind in (P5RayError, RayTaskError, RayActorError, BackPressureError, DeploymentUnavailableError):
         api.add_exception_handler(kind, _domain_error)
     return api
 

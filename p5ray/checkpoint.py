@@ -181,9 +181,33 @@ def load_train_state(path: str | Path) -> dict | None:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
+def load_for_resume(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(model state_dict, train state) of a checkpoint a run restarts from, checksums verified.
+
+    A restart after a crash reads what the crashed run wrote: a truncated or modified file
+    must stop the run with a clear line, not load half a model.
+    """
+    path = Path(path)
+    verify(path, read_meta(path))
+    try:
+        state = load_train_state(path)
+        weights = torch.load(path / "model.pt", map_location=device, weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled objects: nothing arbitrary runs
+        raise CheckpointError(f"{path} cannot be resumed from: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if state is None:
+        raise CheckpointError(f"{path} has no train_state.pt, so a run cannot resume from it",
+                              "start a new run with --init-from it instead")
+    return weights, state
+
+
+def fits_data(meta: dict, data_items: pa.Table, data_users: pa.Table) -> bool:
+    """Whether the id vocabularies of the data are the ones the checkpoint was trained on."""
+    return vocab_fingerprint(data_items, data_users.select(["user_idx", "user_id"])) == meta["vocab_fingerprint"]
+
+
 def check_fits_data(loaded: Loaded, data_items: pa.Table, data_users: pa.Table, data_dir: str) -> None:
     """Refuse to evaluate a checkpoint on data whose vocab differs from the one it was trained on."""
-    if vocab_fingerprint(data_items, data_users.select(["user_idx", "user_id"])) != loaded.meta["vocab_fingerprint"]:
+    if not fits_data(loaded.meta, data_items, data_users):
         raise CheckpointError(
             f"checkpoint {loaded.path} was trained on other data than {data_dir} (the id vocabularies differ)",
             "evaluate with the data directory the checkpoint was trained on",

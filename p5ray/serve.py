@@ -21,10 +21,13 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from p5ray import faults
 from p5ray.adapters import answer_grpc, make_api, to_domain
 from p5ray.errors import NotFoundError, P5RayError
+from p5ray.health import HEALTH, RequestClock, timed
 from p5ray.proto import p5ray_pb2 as pb
 from p5ray.schemas import (
     CANDIDATES,
@@ -61,6 +64,8 @@ class AppArgs(BaseModel):
         description="serve these tasks through the task deployments of this (combined) application "
         "instead of loading the model again: a per-task app then adds only its ingress",
     )
+    stall_timeout_s: float = Field(60.0, gt=0, description="a task replica with requests in flight and none "
+                                   "finished for this long fails its health check and is replaced")
 
 
 # -- task deployments ---------------------------------------------------------------------------
@@ -69,11 +74,12 @@ class AppArgs(BaseModel):
 class TaskModel:
     """Base of the task deployments: the serving core, loaded from user_config and swapped whole."""
 
-    def __init__(self, torch_threads: int = 1):
+    def __init__(self, torch_threads: int = 1, stall_timeout_s: float = 60.0):
         import torch
 
         torch.set_num_threads(torch_threads)
         self.core = None
+        self.clock = RequestClock(stall_timeout_s)
 
     async def reconfigure(self, config: dict) -> None:
         from p5ray.inference import Recommender as Core
@@ -85,6 +91,9 @@ class TaskModel:
     def check_health(self) -> None:
         if self.core is None:
             raise RuntimeError("no model loaded")
+        stalled = self.clock.stalled_for()
+        if stalled > self.clock.stall_timeout_s:
+            raise RuntimeError(f"stalled: {self.clock.in_flight} request(s) in flight, none finished for {stalled:.0f} s")
 
     def version(self) -> str:
         return self.core.model_version
@@ -96,6 +105,7 @@ def items_response(core, answer) -> ItemsResponse:
 
 def recall_all(core, requests: list[RecallRequest]) -> list:
     """One batch; a request the core refuses fails alone (its error is returned in its place)."""
+    faults.stall_point("Recall")  # test-only; inert unless P5RAY_FAULT is set
     try:
         return [items_response(core, a) for a in core.recall_many([(r.user_id, r.history, r.k) for r in requests])]
     except P5RayError:
@@ -108,13 +118,15 @@ def recall_all(core, requests: list[RecallRequest]) -> list:
         return out
 
 
-@serve.deployment(name="Recall", max_ongoing_requests=16, max_queued_requests=64)
+@serve.deployment(name="Recall", max_ongoing_requests=16, max_queued_requests=64, **HEALTH)
 class Recall(TaskModel):
-    def __init__(self, torch_threads: int = 1, max_batch_size: int = 8, batch_wait_s: float = 0.002):
-        super().__init__(torch_threads)
+    def __init__(self, torch_threads: int = 1, stall_timeout_s: float = 60.0, max_batch_size: int = 8,
+                 batch_wait_s: float = 0.002):
+        super().__init__(torch_threads, stall_timeout_s)
         self.recall_batch.set_max_batch_size(max_batch_size)
         self.recall_batch.set_batch_wait_timeout_s(batch_wait_s)
 
+    @timed
     async def recall(self, request: RecallRequest) -> ItemsResponse:
         answer = await self.recall_batch(request)
         if isinstance(answer, Exception):
@@ -126,26 +138,30 @@ class Recall(TaskModel):
         return await asyncio.to_thread(recall_all, self.core, requests)
 
 
-@serve.deployment(name="Rank", max_ongoing_requests=8, max_queued_requests=64)
+@serve.deployment(name="Rank", max_ongoing_requests=8, max_queued_requests=64, **HEALTH)
 class Rank(TaskModel):
+    @timed
     def rank(self, request: RankRequest) -> ItemsResponse:
         core = self.core
         return items_response(core, core.rank(request.user_id, request.history, request.candidates))
 
 
-@serve.deployment(name="CrossSell", max_ongoing_requests=8, max_queued_requests=64)
+@serve.deployment(name="CrossSell", max_ongoing_requests=8, max_queued_requests=64, **HEALTH)
 class CrossSell(TaskModel):
+    @timed
     def cross_sell(self, request: CrossSellRequest) -> ItemsResponse:
         core = self.core
         return items_response(core, core.cross_sell(request.item_ids, request.k))
 
+    @timed
     def cross_sell_after(self, user_id: str, history: list[str], items: list[str], k: int) -> ItemsResponse:
         core = self.core
         return items_response(core, core.cross_sell_after(user_id, history, items, k))
 
 
-@serve.deployment(name="Rating", max_ongoing_requests=8, max_queued_requests=64)
+@serve.deployment(name="Rating", max_ongoing_requests=8, max_queued_requests=64, **HEALTH)
 class Rating(TaskModel):
+    @timed
     def rating(self, request: RatingRequest) -> RatingResponse:
         core = self.core
         value = core.rating(request.user_id, request.item_id, request.history)
@@ -155,6 +171,19 @@ class Rating(TaskModel):
 TASK_DEPLOYMENTS = {"recall": Recall, "rank": Rank, "cross_sell": CrossSell, "rating": Rating}
 
 # -- the ingress --------------------------------------------------------------------------------
+
+async def call_task(method, *args):
+    """One call of a task deployment, made once more if the replica died while answering it.
+
+    Serve routes the second call to a live replica. Every task call is a read, so repeating it
+    is safe; a second failure reaches the client as 503 / UNAVAILABLE (adapters.to_domain).
+    """
+    try:
+        return await method.remote(*args)
+    except RayActorError as exc:  # the replica process died or is unreachable, not a bad request
+        log.warning("a %s replica failed (%s); retrying on another", method.deployment_name, type(exc).__name__)
+        return await method.remote(*args)
+
 
 async def _unless_untrained(response):
     """A sub-answer, or None when the model was not trained for that task (skip the step)."""
@@ -206,30 +235,30 @@ class Recommender:
         if not self.combined:
             self._handle("recommend")
         user, history, k = request.user_id, request.history, request.k
-        recalled = await self.handles["recall"].recall.remote(RecallRequest(user_id=user, history=history, k=max(k, CANDIDATES)))
+        recalled = await call_task(self.handles["recall"].recall, RecallRequest(user_id=user, history=history, k=max(k, CANDIDATES)))
         items, version = recalled.items, recalled.model_version
         if items and not recalled.cold_start:
-            ranked = await _unless_untrained(self.handles["rank"].rank.remote(RankRequest(user_id=user, history=history, candidates=[i.item_id for i in items])))
+            ranked = await _unless_untrained(call_task(self.handles["rank"].rank, RankRequest(user_id=user, history=history, candidates=[i.item_id for i in items])))
             if ranked is not None:
                 items, version = ranked.items, ranked.model_version
         items = items[:k]
         cross = None
         if items:
-            cross = await _unless_untrained(self.handles["cross_sell"].cross_sell_after.remote(user, history, [i.item_id for i in items], k))
+            cross = await _unless_untrained(call_task(self.handles["cross_sell"].cross_sell_after, user, history, [i.item_id for i in items], k))
         return RecommendResponse(items=items, cross_sell=cross.items if cross else [], cold_start=recalled.cold_start,
                                  ignored=recalled.ignored, model_version=version)
 
     async def recall(self, request: RecallRequest) -> ItemsResponse:
-        return await self._handle("recall").recall.remote(request)
+        return await call_task(self._handle("recall").recall, request)
 
     async def rank(self, request: RankRequest) -> ItemsResponse:
-        return await self._handle("rank").rank.remote(request)
+        return await call_task(self._handle("rank").rank, request)
 
     async def cross_sell(self, request: CrossSellRequest) -> ItemsResponse:
-        return await self._handle("cross_sell").cross_sell.remote(request)
+        return await call_task(self._handle("cross_sell").cross_sell, request)
 
     async def rating(self, request: RatingRequest) -> RatingResponse:
-        return await self._handle("rating").rating.remote(request)
+        return await call_task(self._handle("rating").rating, request)
 
     async def health(self) -> dict:
         versions = await asyncio.wait_for(asyncio.gather(*(h.version.remote() for h in self.handles.values())), timeout=10)
@@ -297,7 +326,7 @@ def build_app(args: AppArgs):
         return Recommender.bind(shared=(args.share_from, list(dict.fromkeys(args.tasks))))
     bound = {}
     for task in dict.fromkeys(args.tasks):
-        kwargs = {"torch_threads": args.torch_threads}
+        kwargs = {"torch_threads": args.torch_threads, "stall_timeout_s": args.stall_timeout_s}
         if task == "recall":
             kwargs.update(max_batch_size=args.recall_max_batch_size, batch_wait_s=args.recall_batch_wait_s)
         options = {"user_config": {"checkpoint": checkpoint}, "ray_actor_options": {"num_cpus": args.replica_cpus}}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from p5ray import checkpoint as ckpt
-from p5ray import dataset
+from p5ray import dataset, faults
 from p5ray.config import Config, from_dict, to_dict
 from p5ray.evaluate import ranking_metrics
 from p5ray.hardware import autocast_dtype, bf16_supported, collective_device, torch_backend
@@ -316,6 +316,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
         warm_start(model, loop_cfg["init_from"], items)
     rows = collect_rows(ray.train.get_dataset_shard("train"))
+    faults.corrupt_shard(loop_cfg.get("fault"), rank, rows, spec.num_items)  # test-only; inert unless set
     valid = collect_rows(ray.train.get_dataset_shard("valid"), ("user_idx", "history", "target"))
     user_items = _user_items(train_table)
     loss_fn = MultiTaskLoss(
@@ -340,14 +341,20 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     )
     balancer = GradNormBalancer(len(inner.tasks), cfg.loss.gradnorm_alpha) if cfg.loss.weighting == "gradnorm" else None
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0}
+    faults.watch_steps(loop_cfg.get("fault"), rank, optimizer, scheduler, steps)  # test-only; inert unless set
 
+    # a restart (worker failure, --resume, Tune PBT) continues from the latest checkpoint: weights,
+    # optimizer, scheduler, task weights and the epoch; the per-epoch seeds below replay the data
     restored = ray.train.get_checkpoint()
     if restored is None and loop_cfg.get("resume_from"):  # Tune PBT: go on from another trial's epoch
         restored = ray.train.Checkpoint(loop_cfg["resume_from"])
+    unregistered = newer_checkpoint_on_disk(loop_cfg.get("run_dir"), restored)
+    if unregistered:
+        restored = ray.train.Checkpoint(unregistered)
     if restored:
         with restored.as_directory() as d:
-            inner.model.load_state_dict(torch.load(Path(d) / "model.pt", map_location=device, weights_only=True))
-            saved = ckpt.load_train_state(d)
+            weights, saved = ckpt.load_for_resume(d, device)  # checksums verified first
+        inner.model.load_state_dict(weights)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _apply_config_rates(optimizer, scheduler, cfg)
@@ -387,6 +394,34 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             if rank == 0:
                 log.warning("early stop at epoch %d: no better %s for %d epochs", epoch + 1, SCORE, cfg.train.patience)
             break
+
+
+def newer_checkpoint_on_disk(run_dir: str | None, registered) -> str | None:
+    """A complete checkpoint in the run directory newer than the one Ray Train hands back, if any.
+
+    A rank that dies just after a checkpoint was written can fail the worker group before Ray's
+    controller has registered that checkpoint; the restart would then repeat its epochs. Checkpoint
+    directories whose files match meta.json's checksums are complete (a copy cut short is not).
+    """
+    from p5ray.errors import CheckpointError
+
+    if not run_dir:
+        return None
+    registered_epoch = -1
+    if registered is not None:
+        with registered.as_directory() as d:
+            registered_epoch = int(ckpt.read_meta(d).get("epoch", -1))
+    for path in sorted(Path(run_dir).glob("checkpoint_epoch_*"), reverse=True):
+        try:
+            meta = ckpt.read_meta(path)
+            if int(meta.get("epoch", -1)) <= registered_epoch:
+                return None
+            ckpt.verify(path, meta)
+        except (CheckpointError, ValueError):
+            continue
+        if "train_state.pt" in meta["sha256"]:
+            return str(path)
+    return None
 
 
 def weighted_objective(metrics: dict, weights: dict[str, float]) -> float:
@@ -473,6 +508,8 @@ def fit(
         raise OutputExistsError(f"run {run_dir} already exists", "pass --resume to continue it, or another --name")
     if resume and not exists and "://" not in storage:
         raise UserError(f"--resume: no run at {run_dir}", "give the --storage and --name of the run to continue")
+    if resume and exists:
+        check_resume_fits(run_dir, data_dir)
     if init_from:
         from p5ray.warmstart import check_init_from
 
@@ -480,11 +517,12 @@ def fit(
         check_init_from(init_from, cfg.model.dim)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     check_shared_storage(storage)  # multi-node: every node must see a local --storage path
-    trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest)
+    trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest,
+                            run_dir=run_dir if "://" not in storage else None)
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise P5RayError(f"training failed: {_root_cause(exc)}") from exc
+        raise P5RayError(f"training failed: {failure_line(exc)}") from exc
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
     if not scored:
         raise P5RayError("training finished without a validated checkpoint")
@@ -505,13 +543,15 @@ def build_trainer(
     score_order: str = "max",
     resume_from: str | None = None,
     keep_all: bool = False,
+    run_dir: str | None = None,
 ):
     """Ray Data datasets + a TorchTrainer running train_loop_per_worker (used by fit() and tune).
 
     `objective` (metric -> weight) makes every validated epoch also report `objective`, their
     weighted sum; `score` names the reported metric that ranks the kept checkpoints.
     `resume_from` starts from that checkpoint's full state (Tune PBT); `keep_all` keeps every
-    checkpoint (PBT copies the latest one of another trial).
+    checkpoint (PBT copies the latest one of another trial). `run_dir` (a local run directory of
+    `fit`) lets a restart use a checkpoint written there that Ray had not registered yet.
     """
     import ray
     import ray.train
@@ -537,6 +577,7 @@ def build_trainer(
             "config": to_dict(cfg), "data_dir": data_dir, "init_from": init_from, "run_name": name,
             "verbose": verbose(), "rating_min": manifest.get("rating_min"), "rating_max": manifest.get("rating_max"),
             "objective": objective, "resume_from": resume_from,
+            "run_dir": run_dir, "fault": faults.spec_from_env(),  # fault: None unless a test injects one
         },
         torch_config=TorchConfig(backend=torch_backend(cfg.train.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
@@ -559,6 +600,36 @@ def build_trainer(
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def check_resume_fits(run_dir: str, data_dir: str) -> None:
+    """--resume on other data than the run's: refused before any worker starts (exit 2)."""
+    from p5ray.errors import CheckpointError
+
+    latest = sorted(Path(run_dir).glob("checkpoint_epoch_*"))
+    if not latest:
+        return
+    meta = ckpt.read_meta(latest[-1])
+    users = dataset.read_table(data_dir, "users.parquet")
+    if not ckpt.fits_data(meta, dataset.read_table(data_dir, "items.parquet"), users):
+        raise CheckpointError(
+            f"--resume: run {run_dir} was trained on other data than {data_dir} (the id vocabularies differ)",
+            f"resume with --data {meta.get('data_dir', 'of the run')}, or start a new run with --init-from {latest[-1]}",
+        )
+
+
+def failure_line(exc: BaseException) -> str:
+    """The original error of a training failure and the rank it happened on, on one line."""
+    seen: BaseException | None = exc
+    while seen is not None and not getattr(seen, "worker_failures", None):
+        seen = seen.__cause__
+    if seen is None:  # not a worker failure (the controller, the driver): the innermost error
+        return _root_cause(exc)
+    failures = seen.worker_failures  # ray.train.WorkerGroupError: world rank -> its exception
+    first = min(failures)
+    others = sorted(set(failures) - {first})
+    also = f" (also failed: rank {', '.join(map(str, others))})" if others else ""
+    return f"rank {first}: {_root_cause(failures[first])}{also}"
 
 
 def _root_cause(exc: BaseException) -> str:

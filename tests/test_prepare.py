@@ -313,38 +313,7 @@ def cli(*args):
     )
 
 
-@pytest.mark.parametrize(
-    "content, extra, expect",
-    [
-        (None, [], "no such file or directory"),
-        (b"", [], "empty file"),
-        (b"user_id,item_id,timestamp\r\n", [], ":2: no data rows (header only)"),
-        (
-            b"user_id\titem_id\ttimestamp\nu1\ti1\t1\n",
-            ["--format", "csv"],
-            ":1: no column 'user_id'",
-        ),
-        (bytes(range(256)) * 8, [], "binary data"),
-        (b"user_id,item_id,rating\nu1,i1,5\nu1,i2,x\nu1,i3,4\n", [], ":3: 1 of 3 rows are bad"),
-        (b"user_id,item_id\nu1\ti1\nu2\ti2\n", [], ":2: no row could be read"),
-    ],
-)
-def test_cli_bad_input_exits_2_with_one_line(tmp_path, content, extra, expect):
-    path = tmp_path / "log.csv"
-    if content is not None:
-        path.write_bytes(content)
-    res = cli("--input", path, "--out", tmp_path / "out", "--quiet", *extra)
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert (
-        len(lines) == 1
-        and lines[0].startswith(f"p5ray prepare: error: {path}")
-        and expect in lines[0]
-    ), res.stderr
-    assert "Traceback" not in res.stderr and res.stdout == ""
-    assert not (tmp_path / "out").exists() and not [
-        p for p in tmp_path.iterdir() if p.name.startswith(".out")
-    ]
+# bad input files through the CLI (exit 2, one line, no output): the corpus in test_bad_input.py
 
 
 def test_cli_success_then_existing_out_is_refused(tmp_path):

@@ -226,6 +226,16 @@ BAD_HTTP = {
     "no item_ids": ("/v1/cross-sell", {"k": 3}),
     "unknown cross-sell items only": ("/v1/cross-sell", {"item_ids": ["zzz"], "k": 3}),
     "unknown rating item": ("/v1/rating", {"user_id": "u1", "item_id": "zzz"}),
+    "id over 256 characters": ("/v1/recommend", {"user_id": "u" * 257}),
+    "k as float": ("/v1/recommend", {"user_id": "u1", "k": 3.0}),
+    "k as bool": ("/v1/recall", {"user_id": "u1", "k": True}),
+    "k as null": ("/v1/recommend", {"user_id": "u1", "k": None}),
+    "history of numbers": ("/v1/recommend", {"user_id": "u1", "history": [1, 2]}),
+    "10,001 candidates": ("/v1/rank", {"candidates": ["i1"] * 10_001}),
+    "k of 5,000 digits": ("/v1/recommend", b'{"user_id": "u1", "k": ' + b"9" * 5000 + b"}"),
+    "JSON nested 100,000 deep": ("/v1/recommend", b"[" * 100_000),
+    "invalid UTF-8": ("/v1/recommend", b'{"user_id": "\xff\xfe"}'),
+    "NaN as k": ("/v1/recommend", b'{"user_id": "u1", "k": NaN}'),
 }
 
 
@@ -250,6 +260,10 @@ BAD_GRPC = {
     "empty candidates": ("Rank", pb.RankRequest(user_id="u1")),
     "no item_ids": ("CrossSell", pb.CrossSellRequest(k=2)),
     "unknown rating item": ("PredictRating", pb.RatingRequest(user_id="u1", item_id="zzz")),
+    "id over 256 characters": ("Recall", pb.RecallRequest(user_id="u" * 257)),
+    "empty id in history": ("Recommend", pb.RecommendRequest(user_id="u1", history=["i1", ""])),
+    "10,001 candidates": ("Rank", pb.RankRequest(candidates=["i1"] * 10_001)),
+    "no item_id": ("PredictRating", pb.RatingRequest(user_id="u1")),
 }
 
 
