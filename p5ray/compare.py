@@ -34,6 +34,7 @@ def compare(checkpoints: list[str], data_dir: str | None = None, split: str = "t
     if data_dir:
         from p5ray import evaluate
 
+        _check_fit(entries, data_dir)  # every checkpoint before evaluating any
         for entry in entries:
             log.info("evaluating %s on %s (%s split)", entry["path"], data_dir, split)
             entry["evaluated"] = evaluate.run(str(entry["path"]), data_dir, split)
@@ -41,6 +42,17 @@ def compare(checkpoints: list[str], data_dir: str | None = None, split: str = "t
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(entries, data_dir, split))
     return path
+
+
+def _check_fit(entries: list[dict], data_dir: str) -> None:
+    from types import SimpleNamespace
+
+    from p5ray import dataset
+
+    items = dataset.read_table(data_dir, "items.parquet")
+    users = dataset.read_table(data_dir, "users.parquet")
+    for entry in entries:
+        ckpt.check_fits_data(SimpleNamespace(path=entry["path"], meta=entry["meta"]), items, users, data_dir)
 
 
 def render(entries: list[dict], data_dir: str | None, split: str) -> str:

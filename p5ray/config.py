@@ -304,10 +304,24 @@ def render_markdown() -> str:
     return "\n".join(out)
 
 
+README_MARKERS = ("<!-- config-reference:begin -->", "<!-- config-reference:end -->")
+
+
+def embed_reference(readme: str) -> str:
+    """`readme` with the text between README_MARKERS replaced by render_markdown()."""
+    begin, end = README_MARKERS
+    head, _, rest = readme.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{render_markdown()}{end}{tail}"
+
+
 if __name__ == "__main__":
     import sys
 
     if "--markdown" in sys.argv[1:]:  # the README's configuration reference
         print(render_markdown(), end="")
+    elif "--readme" in sys.argv[1:]:  # python -m p5ray.config --readme README.md: refresh it in place
+        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
+        readme.write_text(embed_reference(readme.read_text()))
     else:
         (Path(__file__).parent / "configs" / "default.yaml").write_text(render_defaults())

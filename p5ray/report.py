@@ -231,7 +231,8 @@ def plot_validation(history: RunHistory, path: Path) -> None:
                 label=f"best epoch {best['epoch']}: {SCORE} {best[SCORE]:.4f}", linestyle="none")
         if finite(best.get(ALSO)):
             ax.plot([best["epoch"]], [best[ALSO]], marker="*", markersize=12, color="tab:green", linestyle="none")
-    ax.set_xlabel("epoch")
+    gaps = len(history.validated) < len(history.epochs)
+    ax.set_xlabel("epoch" + (" (points: validated epochs)" if gaps else ""))
     ax.set_ylabel("validation metric")
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -187,6 +187,9 @@ class RunTracker:
             self.tb_remote = None
 
     def _open_mlflow(self, uri: str, run_name: str, config: dict) -> None:
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3 refuses its file store unless told; a file: URI asks for exactly that
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
