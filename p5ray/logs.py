@@ -31,6 +31,9 @@ NOISE = tuple(re.compile(p) for p in (
     # C++ core worker (RAY_LOG(ERROR), no level switch short of silencing all C++ errors):
     # Ray Train's PreemptionWatcher actor is created with max_restarts=-1
     r"has constructor arguments in the object store and max_restarts > 0",
+    # Ray Data's progress bars inside Ray workers (e.g. Tune trials), sent as distributed tqdm updates
+    # (ray.experimental.tqdm_ray.RAY_TQDM_MAGIC); the driver's own are off, these go the same way
+    r"__ray_tqdm_magic_token__",
     # Ray Data, once per process, because p5ray turns its progress bars off
     r"^Progress bars (for operators )?disabled",
     # Ray Train V2 worker, INFO, on a logger named by its file path (outside `ray.train`)
@@ -39,6 +42,11 @@ NOISE = tuple(re.compile(p) for p in (
     r"Failed to kill actor [0-9a-f]+, return status: Invalid: KillActor RPC failed",
     # the autoscaler's one-time tip that comes with its first event
     r"^Tip: use `ray status` to view detailed cluster status",
+))
+# Multi-line blocks dropped whole: (first line, last line)
+NOISE_BLOCKS = tuple((re.compile(a), re.compile(b)) for a, b in (
+    # Ray Data's file listing, cancelled when its dataset is done, dies in a helper thread
+    (r"^Exception in thread pool-\d+/completion-signaler:", r"^InterruptedError"),
 ))
 # driver-side Ray log records dropped by message (logger name -> pattern)
 DRIVER_NOISE = {
@@ -194,7 +202,7 @@ def log_forwarded(data: dict) -> None:
         from ray._private.worker import filter_autoscaler_events
 
         lines = list(filter_autoscaler_events(lines))
-    for line in lines:
+    for line in drop_noise_blocks(lines):
         if not line.strip() or is_noise(line):
             continue
         logger.log(level, "(%s) %s", source, line, extra={"fields": {"source": str(source)}})
@@ -202,3 +210,16 @@ def log_forwarded(data: dict) -> None:
 
 def is_noise(line: str) -> bool:
     return any(p.search(line) for p in NOISE)
+
+
+def drop_noise_blocks(lines: list[str]) -> list[str]:
+    """`lines` without the NOISE_BLOCKS in them (a block left open at the end is dropped too)."""
+    out, closing = [], None
+    for line in lines:
+        if closing is None:
+            closing = next((end for start, end in NOISE_BLOCKS if start.search(line)), None)
+            if closing is None:
+                out.append(line)
+        elif closing.search(line):
+            closing = None
+    return out

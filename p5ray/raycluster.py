@@ -19,6 +19,9 @@ QUIET_ENV = {
     # Ray installs a "show once per module" filter for its RayDeprecationWarnings unless Python
     # was given warning options; with these, Ray's processes ignore deprecation warnings
     "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    # Ray Tune's newer console output prints an experiment banner even at verbose=0; the older
+    # engine prints nothing at verbose=0 (p5ray's ProgressCallback reports trials instead)
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 

@@ -506,6 +506,9 @@ def _write_report(run_dir: str) -> str | None:
     """RUN_DIR/report.md and its plots; a report that cannot be written never fails the run."""
     from p5ray import report
 
+    if "://" in run_dir:  # s3://, gs://: copy the run down and run `p5ray report` on the copy
+        log.info("run report: not written on remote storage %s; `p5ray report` a local copy", run_dir)
+        return None
     try:
         return str(report.write_run_report(run_dir))
     except Exception as exc:

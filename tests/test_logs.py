@@ -157,3 +157,16 @@ def test_a_local_ray_that_does_not_start_is_an_environment_error():
         raise Exception("The current node timed out during startup.\nmore detail")
     with pytest.raises(ClusterError, match="could not join the Ray cluster at h:1"), raycluster._init_errors("h:1"):
         raise SystemExit(15)
+
+
+def test_a_known_harmless_traceback_is_dropped_whole_others_kept(capsys):
+    logs.setup()
+    block = ["Exception in thread pool-1/completion-signaler:", "Traceback (most recent call last):",
+             '  File ".../ray/data/_internal/dynamic_work_queue.py", line 180, in _signal_completion',
+             "    raise InterruptedError()", "InterruptedError"]
+    logs.log_forwarded(forwarded(["before", *block, "after", "Traceback (most recent call last):", "ValueError: x"],
+                                 task_name="ListFiles"))
+    err = capsys.readouterr().err
+    assert "InterruptedError" not in err and "completion-signaler" not in err
+    assert [ln.split(") ", 1)[1] for ln in err.strip().splitlines()] == [
+        "before", "after", "Traceback (most recent call last):", "ValueError: x"]

@@ -218,3 +218,50 @@ def test_compare_evaluates_checkpoints_on_their_data(tiny_checkpoint, ml_small_d
     expected = evaluate.run(str(tiny_checkpoint), str(ml_small_data))["full/ndcg@10"]
     row = next(ln for ln in text.splitlines() if ln.startswith("| 2 "))
     assert report.fmt_number(expected) in row
+
+
+NOISE = ("Reporting training result", "Token authentication", "Progress bars disabled", "PYTHON worker processes",
+         "Traceback", "DeprecationWarning", "FutureWarning", "PlacementGroupCleaner", "autoscaler")
+
+
+@pytest.mark.slow
+def test_cli_train_json_logs_one_progress_record_per_epoch_and_tracks_the_run(ml_small_data, tmp_path, monkeypatch):
+    """2 workers, --log-format json: every stderr line is JSON, one epoch record per epoch (rank 0
+    only), stdout only results; the run's report, TensorBoard files and (if installed) MLflow run."""
+    from tests.helpers import TINY, run_cli
+
+    mlflow = None
+    try:
+        import mlflow
+    except ImportError:
+        pass
+    args = ["train", "--data", str(ml_small_data), "--config", str(TINY), "--num-workers", "2",
+            "--storage", str(tmp_path / "runs"), "--name", "j", "--set", "train.epochs=2", "--log-format", "json"]
+    if mlflow:
+        args += ["--mlflow-uri", f"file:{tmp_path / 'mlruns'}"]
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stdout = out.stdout.strip().splitlines()
+    assert [ln.split(":")[0] for ln in stdout[1:]] == ["run", "report", "checkpoint"], stdout
+    assert json.loads(stdout[0])["epoch"] in (1, 2)
+    records = [json.loads(ln) for ln in out.stderr.splitlines() if ln.strip()]  # every line is JSON
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    assert [(r["epoch"], r["epochs"]) for r in epochs] == [(1, 2), (2, 2)]
+    assert all("valid/ndcg@10" in r["metrics"] and "samples_per_s" in r["metrics"] for r in epochs)
+    for noise in NOISE:
+        assert noise not in out.stderr, noise
+    run = tmp_path / "runs" / "j"
+    checkpoint = Path(stdout[-1].split(": ", 1)[1])
+    best = json.loads((checkpoint / "meta.json").read_text())
+    text = (run / "report.md").read_text()
+    assert f"**best epoch {best['epoch']}**: valid/ndcg@10 {best['metrics']['valid/ndcg@10']:.4f}" in text
+    assert [r["metrics"]["valid/ndcg@10"] for r in epochs] == [e["valid/ndcg@10"] for e in report.read_history(run).epochs]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    if mlflow:
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when told
+        client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+        (found,) = client.search_runs([client.get_experiment_by_name("p5ray").experiment_id])
+        assert found.info.run_name == "j"
+        assert [m.step for m in client.get_metric_history(found.info.run_id, "valid/ndcg_at_10")] == [1, 2]
