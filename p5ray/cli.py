@@ -159,6 +159,7 @@ def _add_train(sub) -> None:
     p.add_argument("--name", help="run name (default: train-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run --storage/--name")
     p.add_argument("--init-from", help="warm start from this checkpoint (vocab may have grown)")
+    p.add_argument("--mlflow-uri", help="also log the run to this MLflow tracking URI, e.g. file:./mlruns (needs mlflow)")
     p.set_defaults(run=_run_train)
 
 
@@ -177,10 +178,15 @@ def _run_train(args) -> int:
     from p5ray import train
 
     cfg = _load_cli_config(args)
-    result = train.fit(args.data, cfg, storage=args.storage, name=args.name, resume=args.resume, init_from=args.init_from)
+    result = train.fit(
+        args.data, cfg, storage=args.storage, name=args.name, resume=args.resume, init_from=args.init_from,
+        mlflow_uri=args.mlflow_uri,
+    )
     keys = ("epoch", "valid/ndcg@10", "valid/hr@10")
     print(json.dumps({k: result.metrics[k] for k in keys if k in result.metrics}))
     print(f"run: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
     print(f"checkpoint: {os.path.abspath(result.checkpoint)}")
     return 0
 
@@ -415,33 +421,75 @@ VERBS.append(_add_batch_recommend)
 
 
 def _setup_logging(args) -> None:
-    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    if getattr(args, "log_format", "text") == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("p5ray")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    if getattr(args, "verbose", False):
-        os.environ["P5RAY_VERBOSE"] = "1"
-    else:
-        for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    from p5ray import logs
+
+    logs.setup(getattr(args, "verbose", False), getattr(args, "quiet", False), getattr(args, "log_format", "text"))
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+def _add_report(sub) -> None:
+    p = _verb(
+        sub,
+        "report",
+        "Regenerate the report of a run (report.md + PNG plots: loss per task and validation "
+        "NDCG@10/HR@10 per epoch, best epoch marked) or of a sweep (leaderboard, plots), and print "
+        "a summary; or, with --compare, write a Markdown table comparing checkpoints. Prints "
+        "`report: PATH` last.",
+        "p5ray report runs/NAME\n"
+        "  p5ray report --compare runs/A/checkpoint_epoch_0040 runs/B/checkpoint_epoch_0030 --data prepared/ml-100k",
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="STORAGE/NAME of a `train` run or a `tune` sweep")
+    p.add_argument("--compare", nargs="+", metavar="CKPT", help="checkpoints to compare (their recorded metrics)")
+    p.add_argument("--data", help="with --compare: also evaluate each checkpoint on this prepared data")
+    p.add_argument("--split", choices=["test", "valid"], default="test", help="with --data: the split to evaluate")
+    p.add_argument("--out", default="compare.md", help="with --compare: where the table goes (default compare.md)")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    if bool(args.run_dir) == bool(args.compare):
+        raise UserError("give RUN_DIR, or --compare CKPT CKPT ..., not both and not neither",
+                        "e.g. p5ray report runs/NAME")
+    if args.compare:
+        from p5ray.compare import compare
+
+        if args.data is not None and not os.path.isdir(args.data):
+            raise UserError(f"--data {args.data} does not exist", "pass a directory written by `p5ray prepare`")
+        print(f"report: {compare(args.compare, args.data, args.split, args.out)}")
+        return 0
+    from p5ray import report
+
+    summary = report.run(args.run_dir)
+    if summary.table:
+        print(summary.table)
+    print(json.dumps(summary.numbers))
+    if summary.best_checkpoint:
+        print(f"best_checkpoint: {summary.best_checkpoint}")
+    print(f"report: {summary.report}")
+    return 0
+
+
+def _add_completion(sub) -> None:
+    p = _verb(
+        sub,
+        "completion",
+        "Print a shell completion script for p5ray (verbs, flags, choices, file names), generated "
+        "from this command line. bash: add `eval \"$(p5ray completion bash)\"` to ~/.bashrc; zsh: "
+        "`p5ray completion zsh > \"${fpath[1]}/_p5ray\"`.",
+        'p5ray completion bash > ~/.local/share/bash-completion/completions/p5ray',
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(run=_run_completion)
+
+
+def _run_completion(args) -> int:
+    from p5ray.completion import script
+
+    print(script(args.shell, build_parser()), end="")
+    return 0
+
+
+VERBS += [_add_report, _add_completion]
+RAY_VERBS = {"prepare", "train", "tune", "serve", "quickstart", "batch-recommend"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args)
     try:
+        if args.verb in RAY_VERBS:
+            from p5ray.raycluster import prepare_driver
+
+            prepare_driver()  # a RAY_ADDRESS with nothing behind it fails here, in one line
         return int(args.run(args) or 0)
     except P5RayError as exc:
         if args.verbose:

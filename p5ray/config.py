@@ -50,7 +50,7 @@ class LossConfig:
     alpha: AlphaConfig = field(default_factory=AlphaConfig)  # task weights in sum_i alpha_i L_i
     weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"  # how alphas evolve
     gradnorm_alpha: float = 1.5  # restoring-force exponent of GradNorm
-    recall_loss: Literal["auto", "full_softmax", "sampled_softmax", "bce"] = "auto"
+    recall_loss: Literal["auto", "full_softmax", "sampled_softmax", "bce"] = "auto"  # recall objective over the catalog
     full_softmax_max_items: int = 20000  # "auto" uses full softmax up to this catalog size
     num_negatives: int = 1024  # shared negatives per batch for sampled softmax / bce
     logq_correction: bool = True  # subtract log sampling probability in sampled softmax
@@ -60,20 +60,20 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 40
-    lr: float = 0.001
+    epochs: int = 40  # passes over the training windows (early stopping may end sooner)
+    lr: float = 0.001  # peak AdamW learning rate
     batch_size: int = 128  # sequences per worker per step
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW decay on weight matrices (not biases or norms)
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: float = 0.05  # the cosine schedule ends at this fraction of lr
     grad_clip: float = 1.0  # max global grad norm (0 disables)
-    seed: int = 42
+    seed: int = 42  # model init, shuffling and negative sampling
     patience: int = 10  # stop after this many epochs without a better valid/ndcg@10 (0: never)
     eval_every: int = 1  # validate every N epochs
     num_workers: int = 2  # Ray Train workers (overridden by --num-workers)
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 1  # logical CPUs Ray reserves per worker
     threads_per_worker: int = 0  # torch threads per worker (0: cpus_per_worker)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker (overridden by --use-gpu)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     max_failures: int = 2  # Ray Train FailureConfig: restarts from the latest checkpoint
     keep_checkpoints: int = 2  # checkpoints kept besides the best one
@@ -83,11 +83,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    ks: tuple[int, ...] = (5, 10, 20)
+    ks: tuple[int, ...] = (5, 10, 20)  # cut-offs of HR@k and NDCG@k
     sampled_negatives: int = 99  # P5 protocol: 1 positive + 99 items the user never touched
     chunk_items: int = 65536  # items scored per chunk in full ranking (bounds memory)
-    batch_users: int = 512
-    seed: int = 2022
+    batch_users: int = 512  # users scored at once in evaluation
+    seed: int = 2022  # sampled negatives of the sampled protocol
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def _field_comments() -> dict[tuple[str, str], str]:
     """The `# comment` after each field in this file, keyed by (class, field)."""
-    comments, cls = {}, None
+    comments, cls, pending = {}, None, None
     for line in inspect.getsource(__import__(__name__, fromlist=["_"])).splitlines():
         match = re.match(r"class (\w+)", line)
         if match:
@@ -232,6 +232,10 @@ def _field_comments() -> dict[tuple[str, str], str]:
         match = re.match(r"\s+(\w+): .*?=.*?#\s*(.*)$", line)
         if match and cls:
             comments[(cls, match.group(1))] = match.group(2)
+        elif pending and "#" in line:  # a default wrapped onto the next line, comment there
+            comments[(cls, pending)] = line.split("#", 1)[1].strip()
+        match = re.match(r"\s+(\w+): .*= \($", line)
+        pending = match.group(1) if match else None
     return comments
 
 
@@ -265,5 +269,58 @@ def render_defaults() -> str:
     return "\n".join(out)
 
 
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def render_markdown() -> str:
+    """The configuration reference of the README: one table per section, from the dataclasses."""
+    comments = _field_comments()
+    out = []
+
+    def emit(cls: type, obj: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                emit(type(value), value, f"{prefix}{f.name}.")
+                continue
+            default = yaml.safe_dump(to_dict(value), default_flow_style=True).strip().removesuffix("...").strip()
+            note = comments.get((cls.__name__, f.name), "")
+            if f.name in AlphaConfig.__dataclass_fields__ and cls is AlphaConfig:
+                note = note or f"weight of the {f.name} task's loss (0 leaves the task out)"
+            out.append(f"| `{prefix}{f.name}` | {_type_name(hints[f.name])} | `{default}` | {note} |")
+
+    for f in dataclasses.fields(Config):
+        out += [f"#### `{f.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        emit(type(getattr(Config(), f.name)), getattr(Config(), f.name), f"{f.name}.")
+        out.append("")
+    return "\n".join(out)
+
+
+README_MARKERS = ("<!-- config-reference:begin -->", "<!-- config-reference:end -->")
+
+
+def embed_reference(readme: str) -> str:
+    """`readme` with the text between README_MARKERS replaced by render_markdown()."""
+    begin, end = README_MARKERS
+    head, _, rest = readme.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{render_markdown()}{end}{tail}"
+
+
 if __name__ == "__main__":
-    (Path(__file__).parent / "configs" / "default.yaml").write_text(render_defaults())
+    import sys
+
+    if "--markdown" in sys.argv[1:]:  # the README's configuration reference
+        print(render_markdown(), end="")
+    elif "--readme" in sys.argv[1:]:  # python -m p5ray.config --readme README.md: refresh it in place
+        readme = Path(sys.argv[sys.argv.index("--readme") + 1])
+        readme.write_text(embed_reference(readme.read_text()))
+    else:
+        (Path(__file__).parent / "configs" / "default.yaml").write_text(render_defaults())

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
 
 
+# Set (unless --verbose) before Ray starts: the local raylet and so every Ray process inherits them,
+# and `p5ray submit` passes them to a job's runtime_env.
 QUIET_ENV = {
-    "RAY_DATA_LOG_LEVEL": "WARNING",  # Ray Data's per-dataset execution logs
+    "RAY_DATA_LOG_LEVEL": "ERROR",  # Ray Data's logs, e.g. "Progress bars disabled" in every worker
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # print() in workers is not re-logged (no duplicates)
     "RAY_DEDUP_LOGS": "1",
+    # Ray installs a "show once per module" filter for its RayDeprecationWarnings unless Python
+    # was given warning options; with these, Ray's processes ignore deprecation warnings
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    # Ray Tune's newer console output prints an experiment banner even at verbose=0; the older
+    # engine prints nothing at verbose=0 (p5ray's ProgressCallback reports trials instead)
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 
 def verbose() -> bool:
     """--verbose sets P5RAY_VERBOSE=1: Ray's own INFO logs are then shown."""
-    return os.environ.get("P5RAY_VERBOSE") == "1"
+    from p5ray.logs import verbose as is_verbose
+
+    return is_verbose()
 
 
 def train_logging_config():
@@ -27,14 +39,76 @@ def train_logging_config():
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
+def quiet_train_worker() -> None:
+    """In a Ray Train worker, without --verbose: Ray Train's INFO lines and Ray's own warnings off.
+
+    Ray Train V2 logs "Reporting training result ..." at INFO on a logger named by its file path,
+    outside `ray.train`, so LoggingConfig(log_level=...) does not reach it.
+    """
+    import warnings
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        pass
+    else:
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
+
+
+def prepare_driver() -> None:
+    """Before a verb touches Ray: a RAY_ADDRESS with no cluster behind it fails now, in one line;
+    Ray's forwarded output goes to stderr and its known noise is dropped (see p5ray/logs.py)."""
+    from p5ray.logs import route_ray_output
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+    route_ray_output()
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a RAY_ADDRESS that names no reachable Ray cluster (ClusterError, exit 2).
+
+    ray.init() itself retries an unreachable address for minutes and then exits the process.
+    """
+    from p5ray.errors import ClusterError
+
+    address = address.strip()
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"RAY_ADDRESS={address} is a dashboard URL, but this verb joins the cluster itself",
+            "set RAY_ADDRESS to the head's GCS address (HEAD:6379), or run the verb on the cluster "
+            f"with `p5ray submit --address {address} -- VERB ...`",
+        )
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"RAY_ADDRESS={address} is not HOST:PORT", "e.g. RAY_ADDRESS=10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster at RAY_ADDRESS={address} ({exc.strerror or exc})",
+            "start one (`ray start --head`), point RAY_ADDRESS at its head (HEAD:6379), "
+            "or unset RAY_ADDRESS to run on a local Ray",
+        ) from None
+
+
 def ensure_ray(min_cpus: int = 2) -> None:
     """Start (or join) Ray once per process.
 
     Locally, Ray gets at least `min_cpus + 2` logical CPUs so Ray Data tasks never starve while the
     training workers hold theirs (logical CPUs are bookkeeping; threads are set per worker).
     With RAY_ADDRESS set (a cluster, or inside a Ray Job) it connects there instead.
+    Failing to start or join is a ClusterError (exit 2, one line).
     """
     import ray
+
+    from p5ray.logs import quiet_ray_driver, route_ray_output
 
     if ray.is_initialized():
         return
@@ -44,19 +118,25 @@ def ensure_ray(min_cpus: int = 2) -> None:
     if quiet:  # inherited by the local raylet and so by every Ray worker process
         for key, value in QUIET_ENV.items():
             os.environ.setdefault(key, value)
+    if address:
+        check_address(address)
+    route_ray_output()
+    quiet_ray_driver()
     kwargs = {
         "logging_level": level,
         "logging_config": ray.LoggingConfig(encoding="TEXT", log_level=level),
         "log_to_driver": True,
     }
-    if address:  # a cluster, or the cluster of the Ray Job this driver runs in
-        ray.init(address=address, **kwargs)
-    else:
-        cpus = max(os.cpu_count() or 1, min_cpus + 2)
-        # always a fresh local instance (address="local"): never someone else's `ray start`
-        # cluster by accident; the dashboard hosts the state API that Ray Train's controller
-        # polls, bound to loopback
-        _init_local(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    with _init_errors(address):
+        if address:  # a cluster, or the cluster of the Ray Job this driver runs in
+            ray.init(address=address, **kwargs)
+        else:
+            cpus = max(os.cpu_count() or 1, min_cpus + 2)
+            # always a fresh local instance (address="local"): never someone else's `ray start`
+            # cluster by accident; the dashboard hosts the state API that Ray Train's controller
+            # polls, bound to loopback
+            _init_local(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    quiet_ray_driver()  # ray.init configures Ray's loggers again
     if quiet:
         import ray.data
 
@@ -83,6 +163,68 @@ def _init_local(attempts: int = 3, **kwargs) -> None:
                     "the machine may be short of CPU or memory; retry, or stop other Ray processes",
                 ) from exc
             log.warning("local Ray start timed out (attempt %d of %d); retrying", attempt, attempts)
+
+
+@contextlib.contextmanager
+def _init_errors(address: str | None):
+    """ray.init failures -> one-line ClusterError: no cluster, missing or wrong token, no local start."""
+    from ray.exceptions import AuthenticationError
+
+    from p5ray.errors import ClusterError
+
+    try:
+        yield
+    except ClusterError:  # already one line (a local start that timed out every attempt)
+        raise
+    except AuthenticationError as exc:
+        from p5ray.submit import find_token
+
+        token, source = find_token()
+        if token is None:
+            raise ClusterError(
+                f"the Ray cluster at {address} requires an auth token and none was found",
+                "copy the cluster's token (`ray get-auth-token` on its head node) to ~/.ray/auth_token, "
+                "or set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH",
+            ) from exc
+        raise ClusterError(
+            f"the Ray cluster at {address} rejected the auth token from {source}",
+            "use that cluster's token: `ray get-auth-token` on its head node",
+        ) from exc
+    except (Exception, SystemExit) as exc:  # ray.init raises bare Exceptions, or exits the process
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if address:
+            raise ClusterError(
+                f"could not join the Ray cluster at {address}: {reason}",
+                "check that the cluster is up and runs Ray 2.60, or unset RAY_ADDRESS to run on a local Ray",
+            ) from exc
+        raise ClusterError(
+            f"could not start a local Ray: {reason}",
+            "retry when the machine is less busy, or start one with `ray start --head` and set RAY_ADDRESS",
+        ) from exc
+
+
+@contextlib.contextmanager
+def cluster_address_for_train():
+    """Hand this cluster's address to Ray Train's controller (and so its PlacementGroupCleaner).
+
+    The cleaner looks the cluster up through the state API without an address; with several Ray
+    instances on one machine (a `p5ray serve` beside a `p5ray train`) that fails with a traceback
+    and leaks the workers' CPUs when the controller dies. Ray Train copies RAY_ADDRESS to its
+    controller when it is listed in ENV_VARS_TO_PROPAGATE and set while `fit()` starts.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
+        yield
+        return
+    from ray.train.v2._internal import constants
+
+    constants.ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 def storage_path(storage: str) -> str:

@@ -14,7 +14,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from p5ray.hardware import autocast_dtype, bf16_supported, collective_device, to
 from p5ray.losses import GradNormBalancer, MultiTaskLoss
 from p5ray.model import ModelSpec, P5Rec
 from p5ray.tasks import active_tasks
+from p5ray.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 SCORE = "valid/ndcg@10"
@@ -114,8 +114,12 @@ def run_epoch(
     device: torch.device,
     balancer: GradNormBalancer | None = None,
     global_step: int = 0,
+    on_step=None,
 ) -> dict:
-    """One pass of `steps` optimizer steps over a shuffled permutation of the local rows."""
+    """One pass of `steps` optimizer steps over a shuffled permutation of the local rows.
+
+    `on_step(step, steps, mean_loss_so_far)`, if given, is called before each step (progress).
+    """
     loss_fn.train()
     bs, max_len = cfg.train.batch_size, cfg.model.max_len
     lengths = np.fromiter((len(s) for s in data.rows["items"]), np.int64, count=len(data.rows["items"]))
@@ -126,6 +130,8 @@ def run_epoch(
     inner = loss_fn.module if hasattr(loss_fn, "module") else loss_fn
     amp = autocast_dtype(cfg.train.precision, device.type, bf16_supported(device))
     for step in range(steps):
+        if on_step is not None:
+            on_step(step, steps, sums.get("total", 0.0) / step if step else None)
         idx = order[step * bs:(step + 1) * bs]
         rows = {k: v[idx] for k, v in data.rows.items()}
         batch = dataset.collate(rows, max_len, data.sampler, cfg.loss.rank_negatives, data.user_items)
@@ -294,11 +300,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from p5ray.raycluster import quiet_train_worker
+
     cfg = from_dict(loop_cfg["config"])
     data_dir = loop_cfg["data_dir"]
     if not loop_cfg.get("verbose"):
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", category=FutureWarning, module="ray.train")
+        quiet_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, cfg.train.threads_per_worker or cfg.train.cpus_per_worker))
@@ -364,6 +371,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if rank == 0:
             log.warning("resuming from %s at epoch %d", restored.path, state["epoch"])
 
+    tracker = RunTracker.open(loop_cfg, rank, restored)
     ckpt_users = checkpoint_users(data_dir, users) if rank == 0 else None
     sampler = dataset.NegativeSampler(spec.num_items, np.random.default_rng())
     data = EpochData(rows, user_items, sampler, _pool_probs(items, spec.num_items))
@@ -373,7 +381,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         sampler.rng = np.random.default_rng([cfg.train.seed, epoch, rank, 1])
         torch.manual_seed(cfg.train.seed * 100003 + epoch * 101 + rank)
         start = time.perf_counter()
-        stats = run_epoch(loss_fn, optimizer, scheduler, data, cfg, steps, rng, device, balancer, epoch * steps)
+        stats = run_epoch(
+            loss_fn, optimizer, scheduler, data, cfg, steps, rng, device, balancer, epoch * steps,
+            on_step=tracker.stepper(epoch + 1),
+        )
         elapsed = time.perf_counter() - start
         metrics = {"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0]}
         metrics["samples_per_s"] = steps * cfg.train.batch_size * world / max(elapsed, 1e-9)
@@ -382,6 +393,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             metrics[f"weight/{t}"] = w
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every and not last:
+            tracker.epoch(metrics)
             ray.train.report(metrics)
             continue
         metrics.update(_validate(inner.model, valid, cfg, rank, world, device))
@@ -389,11 +401,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             metrics["objective"] = weighted_objective(metrics, loop_cfg["objective"])
         stop = early_stopping(state, metrics[SCORE], epoch + 1, cfg.train.patience)
         metrics["best/valid/ndcg@10"] = state["best"]
-        _report(metrics, inner, optimizer, scheduler, state, cfg, items, ckpt_users, data_dir, loop_cfg, rank)
+        _report(metrics, inner, optimizer, scheduler, state, cfg, items, ckpt_users, data_dir, loop_cfg, rank, tracker)
         if stop:
             if rank == 0:
                 log.warning("early stop at epoch %d: no better %s for %d epochs", epoch + 1, SCORE, cfg.train.patience)
             break
+    tracker.close()
 
 
 def newer_checkpoint_on_disk(run_dir: str | None, registered) -> str | None:
@@ -405,7 +418,7 @@ def newer_checkpoint_on_disk(run_dir: str | None, registered) -> str | None:
     """
     from p5ray.errors import CheckpointError
 
-    if not run_dir:
+    if not run_dir or "://" in run_dir:
         return None
     registered_epoch = -1
     if registered is not None:
@@ -429,11 +442,10 @@ def weighted_objective(metrics: dict, weights: dict[str, float]) -> float:
     return float(sum(w * metrics[k] for k, w in weights.items()))
 
 
-def _report(metrics, inner, optimizer, scheduler, state, cfg, items, users, data_dir, loop_cfg, rank) -> None:
+def _report(metrics, inner, optimizer, scheduler, state, cfg, items, users, data_dir, loop_cfg, rank, tracker) -> None:
     import ray.train
 
-    if rank == 0:
-        _print_progress(metrics)
+    tracker.epoch(metrics)  # rank 0: history, progress line on the driver, TensorBoard, MLflow
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -453,6 +465,7 @@ def _report(metrics, inner, optimizer, scheduler, state, cfg, items, users, data
         "has_ratings": "rating" in inner.tasks,
         "rating_min": loop_cfg.get("rating_min"),
         "rating_max": loop_cfg.get("rating_max"),
+        **tracker.meta(),
     }
     if loop_cfg.get("init_from"):
         meta["init_from"] = loop_cfg["init_from"]
@@ -465,17 +478,6 @@ def _report(metrics, inner, optimizer, scheduler, state, cfg, items, users, data
         )
 
 
-def _print_progress(metrics: dict) -> None:
-    import sys
-
-    parts = [f"epoch {metrics['epoch']}", f"loss {metrics.get('loss/total', float('nan')):.4f}"]
-    parts += [f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("loss/") and k != "loss/total"]
-    if SCORE in metrics:
-        parts.append(f"valid ndcg@10 {metrics[SCORE]:.4f} (best {metrics['best/valid/ndcg@10']:.4f})")
-    parts.append(f"{metrics['samples_per_s']:.0f} samples/s")
-    print("[p5ray train] " + " | ".join(parts), file=sys.stderr, flush=True)
-
-
 # -- the driver -----------------------------------------------------------------------------
 
 
@@ -484,6 +486,7 @@ class FitResult:
     checkpoint: str  # the best checkpoint by valid/ndcg@10
     metrics: dict  # its reported metrics
     run_dir: str
+    report: str | None = None  # RUN_DIR/report.md
 
 
 def fit(
@@ -493,10 +496,22 @@ def fit(
     name: str | None = None,
     resume: bool = False,
     init_from: str | None = None,
+    mlflow_uri: str | None = None,
 ) -> FitResult:
-    """Train with Ray Train on cfg.train.num_workers workers; return the best checkpoint."""
+    """Train with Ray Train on cfg.train.num_workers workers; return the best checkpoint.
+
+    Rank 0 also writes TensorBoard event files (and MLflow records with `mlflow_uri`) and sends
+    progress to this driver, which prints it; the run's report.md and plots are written at the end.
+    """
     from p5ray.errors import OutputExistsError, P5RayError, UserError
-    from p5ray.raycluster import check_shared_storage, ensure_ray, storage_path
+    from p5ray.progress import ProgressPrinter
+    from p5ray.raycluster import (
+        check_shared_storage,
+        cluster_address_for_train,
+        ensure_ray,
+        storage_path,
+    )
+    from p5ray.tracking import require_mlflow
 
     data_dir = str(dataset.check_data_dir(data_dir).resolve())
     manifest = dataset.read_manifest(data_dir)
@@ -515,19 +530,40 @@ def fit(
 
         init_from = str(Path(init_from).resolve())
         check_init_from(init_from, cfg.model.dim)
+    if mlflow_uri:
+        require_mlflow()
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     check_shared_storage(storage)  # multi-node: every node must see a local --storage path
+    progress = ProgressPrinter.start()
+    tracking = {"run_dir": run_dir, "progress": progress.queue, "mlflow_uri": mlflow_uri}
     trainer = build_trainer(data_dir, cfg, storage, name, init_from=init_from, manifest=manifest,
-                            run_dir=run_dir if "://" not in storage else None)
+                            run_dir=run_dir, tracking=tracking)
     try:
-        result = trainer.fit()
+        with cluster_address_for_train():
+            result = trainer.fit()
     except Exception as exc:
         raise P5RayError(f"training failed: {failure_line(exc)}") from exc
+    finally:
+        progress.stop()
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if SCORE in m]
     if not scored:
         raise P5RayError("training finished without a validated checkpoint")
     best_ckpt, best_metrics = max(scored, key=lambda cm: cm[1][SCORE])
-    return FitResult(best_ckpt.path, dict(best_metrics), run_dir)
+    return FitResult(best_ckpt.path, dict(best_metrics), run_dir, _write_report(run_dir))
+
+
+def _write_report(run_dir: str) -> str | None:
+    """RUN_DIR/report.md and its plots; a report that cannot be written never fails the run."""
+    from p5ray import report
+
+    if "://" in run_dir:  # s3://, gs://: copy the run down and run `p5ray report` on the copy
+        log.info("run report: not written on remote storage %s; `p5ray report` a local copy", run_dir)
+        return None
+    try:
+        return str(report.write_run_report(run_dir))
+    except Exception as exc:
+        log.warning("no run report (%s: %s); try `p5ray report %s`", type(exc).__name__, exc, run_dir)
+        return None
 
 
 def build_trainer(
@@ -544,6 +580,7 @@ def build_trainer(
     resume_from: str | None = None,
     keep_all: bool = False,
     run_dir: str | None = None,
+    tracking: dict | None = None,
 ):
     """Ray Data datasets + a TorchTrainer running train_loop_per_worker (used by fit() and tune).
 
@@ -552,6 +589,7 @@ def build_trainer(
     `resume_from` starts from that checkpoint's full state (Tune PBT); `keep_all` keeps every
     checkpoint (PBT copies the latest one of another trial). `run_dir` (a local run directory of
     `fit`) lets a restart use a checkpoint written there that Ray had not registered yet.
+    `tracking` (run_dir, progress queue, mlflow_uri) reaches rank 0's RunTracker (p5ray/tracking.py).
     """
     import ray
     import ray.train
@@ -577,7 +615,8 @@ def build_trainer(
             "config": to_dict(cfg), "data_dir": data_dir, "init_from": init_from, "run_name": name,
             "verbose": verbose(), "rating_min": manifest.get("rating_min"), "rating_max": manifest.get("rating_max"),
             "objective": objective, "resume_from": resume_from,
-            "run_dir": run_dir, "fault": faults.spec_from_env(),  # fault: None unless a test injects one
+            "fault": faults.spec_from_env(),  # None unless a test injects one
+            **(tracking or {}), "run_dir": run_dir or (tracking or {}).get("run_dir"),
         },
         torch_config=TorchConfig(backend=torch_backend(cfg.train.use_gpu)),
         scaling_config=ray.train.ScalingConfig(

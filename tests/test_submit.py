@@ -151,7 +151,7 @@ def test_upload_excludes_caches_runs_outputs_gitignored_and_big_files(project):
 def test_runtime_env_uploads_the_project_or_else_the_package():
     env = submit.runtime_env(ROOT, ["x"])
     assert env["working_dir"] == str(ROOT) and env["excludes"] == ["x"]
-    assert env["env_vars"]["RAY_DATA_LOG_LEVEL"] == "WARNING"
+    assert env["env_vars"]["RAY_DATA_LOG_LEVEL"] == "ERROR"  # raycluster.QUIET_ENV
     assert "RAY_DATA_LOG_LEVEL" not in submit.runtime_env(ROOT, [], verbose=True)["env_vars"]
     assert submit.runtime_env(None, [])["py_modules"] == [str(ROOT / "p5ray")]
 
