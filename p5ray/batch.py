@@ -34,8 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from p5ray import checkpoint as ckpt
-from p5ray import dataset, outputs
+from p5ray import dataset
 from p5ray.errors import CheckpointError, P5RayError, UserError
+from p5ray.ingest import outputs
 from p5ray.schemas import CANDIDATES, MAX_K
 
 log = logging.getLogger("p5ray.batch")
