@@ -227,13 +227,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--replicas", type=int, help="replicas per task deployment (default 1)")
+    p.add_argument("--use-gpu", action="store_true", help="hold the model on a GPU: each set of task replicas shares one")
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
     from p5ray import server
 
-    return server.run(args.checkpoint, args.host, args.http_port, args.grpc_port, args.replicas)
+    return server.run(args.checkpoint, args.host, args.http_port, args.grpc_port, args.replicas, use_gpu=args.use_gpu)
 
 
 def _add_recommend(sub) -> None:

@@ -56,6 +56,8 @@ class AppArgs(BaseModel):
     tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES), min_length=1)
     replicas: int | None = Field(None, ge=1, description="fixed replicas per task deployment (default: 1, or the config's autoscaling)")
     replica_cpus: float = Field(0.5, ge=0, description="logical CPUs reserved per task replica")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per task replica (fractions share one GPU); "
+                                "a replica given a GPU holds the model there")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per task replica")
     recall_max_batch_size: int = Field(8, ge=1, description="@serve.batch size of Recall (1: off)")
     recall_batch_wait_s: float = Field(0.002, ge=0)
@@ -84,7 +86,7 @@ class TaskModel:
     async def reconfigure(self, config: dict) -> None:
         from p5ray.inference import Recommender as Core
 
-        core = await asyncio.to_thread(Core, config["checkpoint"])  # old weights keep answering
+        core = await asyncio.to_thread(Core, config["checkpoint"], replica_device())  # old weights keep answering
         self.core = core
         log.info("%s serves model %s from %s", type(self).__name__, core.model_version, core.path)
 
@@ -97,6 +99,14 @@ class TaskModel:
 
     def version(self) -> str:
         return self.core.model_version
+
+
+def replica_device() -> str:
+    """"cuda" in a replica Ray gave a GPU (ray_actor_options num_gpus), else "cpu"."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def items_response(core, answer) -> ItemsResponse:
@@ -329,7 +339,10 @@ def build_app(args: AppArgs):
         kwargs = {"torch_threads": args.torch_threads, "stall_timeout_s": args.stall_timeout_s}
         if task == "recall":
             kwargs.update(max_batch_size=args.recall_max_batch_size, batch_wait_s=args.recall_batch_wait_s)
-        options = {"user_config": {"checkpoint": checkpoint}, "ray_actor_options": {"num_cpus": args.replica_cpus}}
+        actor = {"num_cpus": args.replica_cpus}
+        if args.replica_gpus:
+            actor["num_gpus"] = args.replica_gpus
+        options = {"user_config": {"checkpoint": checkpoint}, "ray_actor_options": actor}
         if args.replicas:
             options["num_replicas"] = args.replicas
         bound[task] = TASK_DEPLOYMENTS[task].options(**options).bind(**kwargs)

@@ -34,15 +34,18 @@ APPS = (("p5ray", "/", None),) + tuple((t.name, f"/{t.route}", [t.name]) for t i
 
 
 def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-                 replicas: int | None = None) -> dict:
+                 replicas: int | None = None, use_gpu: bool = False) -> dict:
     apps = []
     for name, prefix, tasks in APPS:
         args = {"checkpoint": os.path.abspath(checkpoint)}
         if tasks:  # a per-task app: its own ingress over the combined app's task deployments
             args["tasks"] = tasks
             args["share_from"] = "p5ray"
-        elif replicas:
-            args["replicas"] = replicas
+        else:
+            if replicas:
+                args["replicas"] = replicas
+            if use_gpu:  # the four task replicas of a set share one GPU
+                args["replica_gpus"] = 1 / len(TASKS)
         apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args})
     return {
         "proxy_location": "HeadOnly",
@@ -50,6 +53,18 @@ def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
         "applications": apps,
     }
+
+
+def check_gpus(needed: float, have: float) -> None:
+    """--use-gpu where there are too few GPUs: one line, before anything is deployed.
+
+    `needed` is the GPUs of one set of task replicas per replica (the four tasks share one),
+    `have` what the Ray cluster (or, before a local Ray starts, this machine) offers.
+    """
+    if have < needed:
+        raise UserError(f"--use-gpu: {'the Ray cluster has' if os.environ.get('RAY_ADDRESS') else 'this machine has'} "
+                        f"{have:g} GPU(s), the task replicas need {needed:g}",
+                        "serve on CPU (drop --use-gpu), or join a cluster with GPUs via RAY_ADDRESS")
 
 
 def swap_checkpoint(config: dict, checkpoint: str) -> dict:
@@ -132,7 +147,7 @@ def wait_healthy(url: str, timeout_s: float, stop: threading.Event) -> None:
 
 
 def run(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
-        replicas: int | None = None, timeout_s: float = 600) -> int:
+        replicas: int | None = None, timeout_s: float = 600, use_gpu: bool = False) -> int:
     """Start Ray (or join RAY_ADDRESS) and Serve, print the two addresses, block until SIGINT/SIGTERM."""
     meta = ckpt.read_meta(checkpoint)
     ckpt.verify(checkpoint, meta)
@@ -140,6 +155,10 @@ def run(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_po
         raise UserError(f"--http-port and --grpc-port are both {http_port}", "pass two different ports")
     check_port_free(host, http_port, "--http-port")
     check_port_free("0.0.0.0", grpc_port, "--grpc-port")  # Serve's gRPC proxy binds every interface
+    if use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local Ray: the GPUs are this machine's
+        import torch
+
+        check_gpus(replicas or 1, torch.cuda.device_count())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -148,9 +167,11 @@ def run(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_po
 
     from p5ray.raycluster import ensure_ray
 
-    config = serve_config(checkpoint, host, http_port, grpc_port, replicas)
+    config = serve_config(checkpoint, host, http_port, grpc_port, replicas, use_gpu)
     ensure_ray(min_cpus=math.ceil(0.5 * 2 * len(TASKS) * (replicas or 1)))  # 0.5 CPU per task replica
     try:
+        if use_gpu:
+            check_gpus(replicas or 1, ray.cluster_resources().get("GPU", 0))
         start_serve(config)
         deploy(config, timeout_s, stop)
         http_url = f"http://{host}:{http_port}"

@@ -106,6 +106,52 @@ def test_autocast_choice_trains_on_cpu_in_bf16():
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
 
 
+# -- serving on a GPU ------------------------------------------------------------------------
+
+
+def test_serve_on_gpu_puts_one_gpu_under_each_set_of_task_replicas():
+    from p5ray import server
+    from p5ray.serve import AppArgs
+    from p5ray.tasks import TASKS
+
+    apps = {a["name"]: a["args"] for a in server.serve_config("c", use_gpu=True)["applications"]}
+    assert apps["p5ray"]["replica_gpus"] * len(TASKS) == pytest.approx(1.0)
+    assert all("replica_gpus" not in args for name, args in apps.items() if name != "p5ray")  # shared replicas
+    assert "replica_gpus" not in server.serve_config("c")["applications"][0]["args"]
+    assert AppArgs.model_validate(apps["p5ray"]).replica_gpus == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"checkpoint": "c", "replica_gpus": -1})
+
+
+def test_serve_gpu_shortage_is_one_actionable_line():
+    from p5ray import server
+    from p5ray.errors import UserError
+
+    server.check_gpus(2, 2)
+    with pytest.raises(UserError) as info:
+        server.check_gpus(2, 1)
+    assert "has 1 GPU(s), the task replicas need 2" in str(info.value)
+    assert "drop --use-gpu" in info.value.one_line() and "\n" not in info.value.one_line()
+
+
+def test_a_replica_without_a_gpu_holds_the_model_on_cpu():
+    from p5ray.serve import replica_device
+
+    assert replica_device() == "cpu"  # outside a GPU actor: ray.get_gpu_ids() is empty
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_serve_use_gpu_without_gpus_is_exit_2_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from p5ray import cli
+    from tests.helpers import make_checkpoint
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    checkpoint = make_checkpoint(tmp_path / "c")
+    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--use-gpu", "--http-port", "18931", "--grpc-port", "18932"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "this machine has 0 GPU(s)" in err
+
+
 # -- shared storage ---------------------------------------------------------------------------
 
 
