@@ -248,8 +248,10 @@ def ray_session(opts: BatchOptions):
     started = not ray.is_initialized()
     ensure_ray(opts.num_workers * opts.cpus_per_worker)
     try:
-        if opts.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-            raise UserError("--use-gpu: the Ray cluster has no GPU", "drop --use-gpu or connect to a cluster with GPUs (RAY_ADDRESS)")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if opts.use_gpu and gpus < opts.num_workers:  # one GPU an actor: fewer would leave the pool waiting
+            raise UserError(f"--use-gpu: {opts.num_workers} workers need {opts.num_workers} GPUs, the Ray cluster has {gpus:g}",
+                            "drop --use-gpu, lower --num-workers, or connect to a cluster with GPUs (RAY_ADDRESS)")
         yield
     finally:
         if started:
@@ -284,14 +286,15 @@ def write_output(batches: Iterable[pa.Table], out: Path, schema: pa.Schema, over
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     (tmp / "out").mkdir(parents=True)
     try:
-        parts = PartWriter(tmp / "out", schema)
+        single = out.suffix == ".parquet"  # one file: never rolled over, or rows would be left behind
+        parts = PartWriter(tmp / "out", schema, rows_per_file=None if single else ROWS_PER_FILE)
         progress = Progress(total, noun)
         for batch in batches:
             parts.write(batch)
             progress.update(pc.count_distinct(batch.column(0)).as_py(), batch.num_rows)
         parts.close()
         progress.done()
-        staged = parts.files[0] if out.suffix == ".parquet" else tmp / "out"
+        staged = parts.files[0] if single else tmp / "out"
         outputs.publish(staged, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -299,17 +302,17 @@ def write_output(batches: Iterable[pa.Table], out: Path, schema: pa.Schema, over
 
 
 class PartWriter:
-    """Parquet part files of at most ROWS_PER_FILE rows each: part-00000.parquet, part-00001, ..."""
+    """Parquet part files of at most `rows_per_file` rows each (None: one file): part-00000.parquet, ..."""
 
-    def __init__(self, directory: Path, schema: pa.Schema):
-        self.directory, self.schema = directory, schema
+    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int | None = ROWS_PER_FILE):
+        self.directory, self.schema, self.rows_per_file = directory, schema, rows_per_file
         self.files: list[Path] = []
         self.rows = 0
         self._sink: outputs.ParquetSink | None = None
         self._in_file = 0
 
     def write(self, table: pa.Table) -> None:
-        if self._sink is None or self._in_file >= ROWS_PER_FILE:
+        if self._sink is None or (self.rows_per_file is not None and self._in_file >= self.rows_per_file):
             self._next()
         self._sink.write(table)
         self._in_file += table.num_rows

@@ -109,6 +109,24 @@ def test_output_is_written_atomically(tmp_path):
     assert pq.read_table(tmp_path / "top.parquet").num_rows == 1
 
 
+def test_a_single_file_holds_every_row_past_the_part_size(tmp_path, monkeypatch):
+    """One .parquet output never rolls over (that left rows in unpublished parts); a directory does."""
+    monkeypatch.setattr(batch, "ROWS_PER_FILE", 5)
+    schema = batch.RECOMMENDATIONS
+
+    def chunks():
+        for b in range(4):
+            n = 3
+            yield pa.table({"user_id": [f"u{b}"] * n, "rank": list(range(1, n + 1)), "item_id": [f"i{j}" for j in range(n)],
+                            "score": [0.5] * n}, schema=schema)
+
+    assert batch.write_output(chunks(), tmp_path / "top.parquet", schema, False, 4, "users").rows == 12
+    assert pq.read_table(tmp_path / "top.parquet").num_rows == 12
+    batch.write_output(chunks(), tmp_path / "top", schema, False, 4, "users")
+    parts = sorted((tmp_path / "top").glob("part-*.parquet"))
+    assert len(parts) == 2 and sum(pq.read_table(p).num_rows for p in parts) == 12
+
+
 @pytest.fixture(scope="module")
 def pandas_data(tmp_path_factory):
     return prepare_ml100k(tmp_path_factory.mktemp("batch") / "data", max_users=20)
