@@ -42,6 +42,12 @@ NOISE = tuple(re.compile(p) for p in (
     r"Failed to kill actor [0-9a-f]+, return status: Invalid: KillActor RPC failed",
     # the autoscaler's one-time tip that comes with its first event
     r"^Tip: use `ray status` to view detailed cluster status",
+    # Ray Serve's own INFO records (controller scaling/stopping replicas, per-request access lines),
+    # which Serve writes to stderr; they stay in Ray's log files (/tmp/ray/session_latest/logs/serve),
+    # Serve's WARNING and ERROR lines still reach the terminal
+    r"^INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ ",
+    # raylet at shutdown: Serve's controller is killed while its graceful_shutdown call is queued
+    r"Task ServeController\.graceful_shutdown failed\. .*killed by `ray\.kill`",
 ))
 # Multi-line blocks dropped whole: (first line, last line)
 NOISE_BLOCKS = tuple((re.compile(a), re.compile(b)) for a, b in (

@@ -54,6 +54,13 @@ def test_forwarded_noise_is_dropped_the_rest_goes_to_stderr(capsys):
         "and ID: 'f4f5' has constructor arguments in the object store and max_restarts > 0.",
         "RuntimeError: something real broke",
     ], actor_name="RayTrainWorker"))
+    logs.log_forwarded(forwarded([
+        "INFO 2026-12-04 07:21:02,474 controller 12983 -- Removing 1 replica from Deployment(name='Rank', app='p5ray').",
+        "INFO 2026-12-04 07:21:00,100 p5ray_Recommender mizkkhvb b509 -- CALL p5ray OK 39.1ms",
+    ], actor_name="ServeController"))
+    logs.log_forwarded({"lines": ["Task ServeController.graceful_shutdown failed. There are infinite retries remaining, "
+                                  "so the task will be retried. Error: The actor is dead because it was killed by "
+                                  "`ray.kill`."], "pid": "raylet", "is_err": False})
     logs.log_forwarded({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: 9f14 with address: "
                                   "192.0.2.2, which is 4x the maximum expected startup concurrency (2)."],
                         "pid": "raylet", "is_err": False})
@@ -170,3 +177,13 @@ def test_a_known_harmless_traceback_is_dropped_whole_others_kept(capsys):
     assert "InterruptedError" not in err and "completion-signaler" not in err
     assert [ln.split(") ", 1)[1] for ln in err.strip().splitlines()] == [
         "before", "after", "Traceback (most recent call last):", "ValueError: x"]
+
+
+def test_serve_warnings_still_reach_the_terminal(capsys):
+    logs.setup()
+    logs.log_forwarded(forwarded([
+        "INFO 2026-12-04 07:21:02,474 controller 12983 -- Deploying new version of Deployment(name='Recall').",
+        "WARNING 2026-12-04 07:21:02,474 controller 12983 -- Replica 'abc' of Deployment 'Recall' failed health check.",
+    ], actor_name="ServeController"))
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "failed health check" in line
