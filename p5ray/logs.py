@@ -40,6 +40,9 @@ NOISE = tuple(re.compile(p) for p in (
     r"^Reporting training result \d+:",
     # gcs_server (C++ ERROR) when Ray Train or Ray Data tear down an actor whose process already ended
     r"Failed to kill actor [0-9a-f]+, return status: Invalid: KillActor RPC failed",
+    # C++ core worker (ERROR) when a reused worker process gets a late kill for the actor it hosted
+    # before (Ray Tune starting the next trial on the same process)
+    r"Mismatched ActorID: ignoring KillActor for previous actor",
     # the autoscaler's one-time tip that comes with its first event
     r"^Tip: use `ray status` to view detailed cluster status",
     # Ray Serve's own INFO records (controller scaling/stopping replicas, per-request access lines),

@@ -52,6 +52,8 @@ def test_forwarded_noise_is_dropped_the_rest_goes_to_stderr(capsys):
         "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
         "[2026-12-03 19:29:47,266 E 19448 19540] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
         "and ID: 'f4f5' has constructor arguments in the object store and max_restarts > 0.",
+        "[2026-12-04 07:33:48,265 E 29294 29332] core_worker.cc:4621: Mismatched ActorID: ignoring KillActor for "
+        "previous actor 19e7cfc6, current actor ID: NIL_ID",
         "RuntimeError: something real broke",
     ], actor_name="RayTrainWorker"))
     logs.log_forwarded(forwarded([
