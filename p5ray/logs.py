@@ -43,6 +43,9 @@ NOISE = tuple(re.compile(p) for p in (
     # C++ core worker (ERROR) when a reused worker process gets a late kill for the actor it hosted
     # before (Ray Tune starting the next trial on the same process)
     r"Mismatched ActorID: ignoring KillActor for previous actor",
+    # Ray Train's placement-group cleaner, WARNING, after every finished or ASHA-stopped Tune trial
+    # (a real controller failure is reported by the trial itself)
+    r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
     # the autoscaler's one-time tip that comes with its first event
     r"^Tip: use `ray status` to view detailed cluster status",
     # Ray Serve's own INFO records (controller scaling/stopping replicas, per-request access lines),

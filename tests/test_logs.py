@@ -54,6 +54,8 @@ def test_forwarded_noise_is_dropped_the_rest_goes_to_stderr(capsys):
         "and ID: 'f4f5' has constructor arguments in the object store and max_restarts > 0.",
         "[2026-12-04 07:33:48,265 E 29294 29332] core_worker.cc:4621: Mismatched ActorID: ignoring KillActor for "
         "previous actor 19e7cfc6, current actor ID: NIL_ID",
+        "2026-12-04 07:42:39,297\tWARNING placement_group_cleaner.py:120 -- Detected that the Ray Train controller "
+        "actor (16b7a6e2a4f9) is dead. Cleaning up placement group = [PlacementGroupID(afaca8a7)] created by this run.",
         "RuntimeError: something real broke",
     ], actor_name="RayTrainWorker"))
     logs.log_forwarded(forwarded([
