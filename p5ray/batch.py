@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from p5ray import checkpoint as ckpt
 from p5ray import dataset
 from p5ray.errors import CheckpointError, P5RayError, UserError
+from p5ray.hardware import check_gpus
 from p5ray.ingest import outputs
 from p5ray.schemas import CANDIDATES, MAX_K
 
@@ -248,10 +249,10 @@ def ray_session(opts: BatchOptions):
     started = not ray.is_initialized()
     ensure_ray(opts.num_workers * opts.cpus_per_worker)
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if opts.use_gpu and gpus < opts.num_workers:  # one GPU an actor: fewer would leave the pool waiting
-            raise UserError(f"--use-gpu: {opts.num_workers} workers need {opts.num_workers} GPUs, the Ray cluster has {gpus:g}",
-                            "drop --use-gpu, lower --num-workers, or connect to a cluster with GPUs (RAY_ADDRESS)")
+        # one GPU an actor: fewer would leave the pool waiting
+        problem = check_gpus(opts.num_workers, opts.use_gpu, ray.cluster_resources().get("GPU", 0))
+        if problem:
+            raise UserError(problem, "drop --use-gpu, lower --num-workers, or connect to a cluster with GPUs (RAY_ADDRESS)")
         yield
     finally:
         if started:
