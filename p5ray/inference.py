@@ -131,15 +131,21 @@ class Recommender:
         return [(self.item_ids[i], float(s)) for i, s in zip(items.tolist(), scores.tolist(), strict=True)]
 
     def _popular(self, k: int, exclude: np.ndarray) -> list[tuple[str, float]]:
+        items, scores = self._popular_idx(k, exclude)
+        return self._named(items, scores)
+
+    def _popular_idx(self, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The k most popular items not in `exclude`: (item indices, training share)."""
         excluded = set(exclude.tolist())
         total = max(self.popularity.sum(), 1.0)
         out = []
         for i in self.popular_order:
             if i not in excluded:
-                out.append((self.item_ids[i], float(self.popularity[i] / total)))
+                out.append(int(i))
                 if len(out) == k:
                     break
-        return out
+        items = np.asarray(out, dtype=np.int64)
+        return items, self.popularity[items] / total
 
     # -- tasks ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -224,17 +230,49 @@ class Recommender:
         return self.cross_sell(list(items[:anchors]), k, exclude)
 
     def recommend(self, user_id: str | None, history: Sequence[str] | None = None, k: int = 10, candidates: int = 100) -> Recommendation:
-        """recall (top max(k, candidates)) -> rank -> top k, plus cross-sell for the top items.
+        """recall (top max(k, candidates)) -> rank -> top k, plus cross-sell for the top items."""
+        return self.recommend_many([(user_id, history, k)], candidates)[0]
 
-        The Serve ingress composes the same three calls over DeploymentHandles; keep them in step.
+    @torch.no_grad()
+    def recommend_many(self, requests: Sequence[tuple[str | None, Sequence[str] | None, int]], candidates: int = 100,
+                       anchors: int = 3) -> list[Recommendation]:
+        """`recommend` for several (user_id, history, k) at once, in one pass of the shared encoder.
+
+        The same answers as calling recall, rank and cross_sell_after one after the other (the
+        serving app's "composed" pipeline does exactly that over DeploymentHandles), but the
+        users are encoded once, together: the recall and rank heads read the same encoder state,
+        and the catalog scans of recall and cross-sell run batched. Raises on the first invalid
+        request (callers that must answer the others retry one by one).
         """
-        k = check_k(k)
-        recalled = self.recall(user_id, history, max(k, candidates))
-        items = recalled.items
-        if not recalled.cold_start and "rank" in self.tasks and items:
-            items = self.rank(user_id, history, [i for i, _ in items]).items
-        items = items[:k]
-        cross: list[tuple[str, float]] = []
-        if "cross_sell" in self.tasks and items:
-            cross = self.cross_sell_after(user_id, history, [i for i, _ in items], k).items
-        return Recommendation(items, cross, recalled.cold_start, recalled.ignored, self.model_version)
+        ks = [check_k(k) for _, _, k in requests]
+        contexts = [self.resolve(u, h) for u, h, _ in requests]
+        top: list[tuple[np.ndarray, np.ndarray]] = [None] * len(requests)  # type: ignore[list-item]
+        warm = [i for i, c in enumerate(contexts) if not c.cold]
+        for i, c in enumerate(contexts):
+            if c.cold:
+                top[i] = self._popular_idx(ks[i], c.history)
+        if warm:
+            states = self._states([contexts[i] for i in warm])  # every task head, one encoder pass
+            wanted = [max(ks[i], candidates) for i in warm]
+            items, scores = topk_full(states["recall"], self.table, max(wanted), [contexts[i].history for i in warm], self.chunk_items)
+            for row, i in enumerate(warm):
+                valid = torch.isfinite(scores[row, : wanted[row]])
+                cand, score = items[row, : wanted[row]][valid], scores[row, : wanted[row]][valid]
+                if "rank" in self.tasks and len(cand):
+                    probs = torch.sigmoid(self.model.rank_logits(states["rank"][row : row + 1], self.table[cand].unsqueeze(0)))[0]
+                    order = torch.argsort(probs, descending=True, stable=True)
+                    cand, score = cand[order], probs[order]
+                top[i] = (cand[: ks[i]].cpu().numpy(), score[: ks[i]].cpu().numpy())
+        cross = [np.zeros(0, dtype=np.int64)] * len(requests), [np.zeros(0)] * len(requests)
+        sell = [i for i in range(len(requests)) if len(top[i][0])] if "cross_sell" in self.tasks else []
+        if sell:
+            queries = torch.cat([self.model.cross_sell_query(self.table[torch.as_tensor(top[i][0][:anchors], device=self.device)]).mean(0, keepdim=True)
+                                 for i in sell])
+            # never the user's history, nor an item already recommended (anchors included)
+            excluded = [np.concatenate([contexts[i].history, top[i][0]]) for i in sell]
+            items, scores = topk_full(queries, self.table, max(ks[i] for i in sell), excluded, self.chunk_items)
+            for row, i in enumerate(sell):
+                valid = torch.isfinite(scores[row, : ks[i]])
+                cross[0][i], cross[1][i] = items[row, : ks[i]][valid].cpu().numpy(), scores[row, : ks[i]][valid].cpu().numpy()
+        return [Recommendation(self._named(*top[i]), self._named(cross[0][i], cross[1][i]), contexts[i].cold,
+                               contexts[i].ignored, self.model_version) for i in range(len(requests))]

@@ -11,6 +11,12 @@ combined application "p5ray" (`/v1/recommend` = recall -> rank -> cross-sell); o
 per-task application ("recall", "rank", "cross_sell", "rating"). Task deployments load the
 checkpoint named in their user_config, `{"checkpoint": PATH}`; a new path swaps the weights in
 place (reconfigure, no replica restart), and every answer names its `model_version`.
+
+`/v1/recommend` runs one of two pipelines (`AppArgs.pipeline`):
+  fused     (default) one call to Recall, which runs recall -> rank -> cross-sell for a batch of
+            users in one pass of the shared encoder (Recommender.recommend_many): one hop
+  composed  the ingress calls Recall, Rank and CrossSell in turn over their handles: three hops
+            and the user encoded twice, but each stage scales (and could be replaced) on its own
 """
 
 import asyncio
@@ -59,7 +65,11 @@ class AppArgs(BaseModel):
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per task replica (fractions share one GPU); "
                                 "a replica given a GPU holds the model there")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per task replica")
-    recall_max_batch_size: int = Field(8, ge=1, description="@serve.batch size of Recall (1: off)")
+    pipeline: Literal["fused", "composed"] = Field(
+        "fused", description="/v1/recommend: fused = one batched call to Recall running recall -> rank -> "
+        "cross-sell in one encoder pass; composed = Recall, Rank, CrossSell called in turn over handles")
+    recall_max_batch_size: int = Field(8, ge=1, description="@serve.batch size of Recall's recall and "
+                                       "fused recommend (1: off)")
     recall_batch_wait_s: float = Field(0.002, ge=0)
     share_from: str | None = Field(
         None,
@@ -113,19 +123,38 @@ def items_response(core, answer) -> ItemsResponse:
     return ItemsResponse(items=scored(answer.items), cold_start=answer.cold_start, ignored=answer.ignored, model_version=core.model_version)
 
 
-def recall_all(core, requests: list[RecallRequest]) -> list:
-    """One batch; a request the core refuses fails alone (its error is returned in its place)."""
+def answer_all(many, one, respond, requests: list) -> list:
+    """One batch through `many`; if the core refuses it, each request through `one`, so a bad
+    request fails alone (its error is returned in its place)."""
     faults.stall_point("Recall")  # test-only; inert unless P5RAY_FAULT is set
     try:
-        return [items_response(core, a) for a in core.recall_many([(r.user_id, r.history, r.k) for r in requests])]
+        return [respond(a) for a in many([(r.user_id, r.history, r.k) for r in requests])]
     except P5RayError:
         out = []
         for r in requests:
             try:
-                out.append(items_response(core, core.recall(r.user_id, r.history, r.k)))
+                out.append(respond(one(r.user_id, r.history, r.k)))
             except P5RayError as exc:
                 out.append(exc)
         return out
+
+
+def recall_all(core, requests: list[RecallRequest]) -> list:
+    return answer_all(core.recall_many, core.recall, lambda a: items_response(core, a), requests)
+
+
+def recommend_all(core, requests: list[RecommendRequest]) -> list:
+    def respond(r):
+        return RecommendResponse(items=scored(r.items), cross_sell=scored(r.cross_sell), cold_start=r.cold_start,
+                                 ignored=r.ignored, model_version=r.model_version)
+
+    return answer_all(core.recommend_many, core.recommend, respond, requests)
+
+
+def unbatched(answer):
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 @serve.deployment(name="Recall", max_ongoing_requests=16, max_queued_requests=64, **HEALTH)
@@ -133,19 +162,26 @@ class Recall(TaskModel):
     def __init__(self, torch_threads: int = 1, stall_timeout_s: float = 60.0, max_batch_size: int = 8,
                  batch_wait_s: float = 0.002):
         super().__init__(torch_threads, stall_timeout_s)
-        self.recall_batch.set_max_batch_size(max_batch_size)
-        self.recall_batch.set_batch_wait_timeout_s(batch_wait_s)
+        for batched in (self.recall_batch, self.recommend_batch):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_s)
 
     @timed
     async def recall(self, request: RecallRequest) -> ItemsResponse:
-        answer = await self.recall_batch(request)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+        return unbatched(await self.recall_batch(request))
+
+    @timed
+    async def recommend(self, request: RecommendRequest) -> RecommendResponse:
+        """The fused /v1/recommend: recall -> rank -> cross-sell here, batched across requests."""
+        return unbatched(await self.recommend_batch(request))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def recall_batch(self, requests: list[RecallRequest]) -> list:
         return await asyncio.to_thread(recall_all, self.core, requests)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def recommend_batch(self, requests: list[RecommendRequest]) -> list:
+        return await asyncio.to_thread(recommend_all, self.core, requests)
 
 
 @serve.deployment(name="Rank", max_ongoing_requests=8, max_queued_requests=64, **HEALTH)
@@ -221,7 +257,8 @@ class Recommender:
 
     def __init__(self, recall: DeploymentHandle | None = None, rank: DeploymentHandle | None = None,
                  cross_sell: DeploymentHandle | None = None, rating: DeploymentHandle | None = None,
-                 shared: tuple[str, list[str]] | None = None):
+                 shared: tuple[str, list[str]] | None = None, pipeline: str = "fused"):
+        self.pipeline = pipeline
         given = {"recall": recall, "rank": rank, "cross_sell": cross_sell, "rating": rating}
         self.handles = {task: h for task, h in given.items() if h is not None}
         if shared:  # (application, tasks): call that application's task deployments
@@ -241,9 +278,11 @@ class Recommender:
 
     # -- core methods ---------------------------------------------------------------------------
     async def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        """recall (max(k, 100)) -> rank -> top k -> cross-sell: the path of inference.recommend."""
+        """recall (max(k, 100)) -> rank -> top k -> cross-sell: the answer of inference.recommend."""
         if not self.combined:
             self._handle("recommend")
+        if self.pipeline == "fused":
+            return await call_task(self.handles["recall"].recommend, request)
         user, history, k = request.user_id, request.history, request.k
         recalled = await call_task(self.handles["recall"].recall, RecallRequest(user_id=user, history=history, k=max(k, CANDIDATES)))
         items, version = recalled.items, recalled.model_version
@@ -333,7 +372,7 @@ def build_app(args: AppArgs):
     checkpoint = os.path.abspath(args.checkpoint)
     read_meta(checkpoint)  # fail at deploy time with one clear line, not in every replica
     if args.share_from:
-        return Recommender.bind(shared=(args.share_from, list(dict.fromkeys(args.tasks))))
+        return Recommender.bind(shared=(args.share_from, list(dict.fromkeys(args.tasks))), pipeline=args.pipeline)
     bound = {}
     for task in dict.fromkeys(args.tasks):
         kwargs = {"torch_threads": args.torch_threads, "stall_timeout_s": args.stall_timeout_s}
@@ -346,4 +385,4 @@ def build_app(args: AppArgs):
         if args.replicas:
             options["num_replicas"] = args.replicas
         bound[task] = TASK_DEPLOYMENTS[task].options(**options).bind(**kwargs)
-    return Recommender.bind(**bound)
+    return Recommender.bind(**bound, pipeline=args.pipeline)

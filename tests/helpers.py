@@ -35,11 +35,12 @@ def make_checkpoint(
     seed: int = 0,
     model_version: str | None = None,
     history_len: int = 5,
+    mixture: str = "shared_bottom",
 ) -> Path:
     """A checkpoint with items i1..iN (popularity decreasing with the index) and users u1..uU,
     each with `history_len` random items (user u1 gets items i1..i{history_len})."""
     rng = np.random.default_rng(seed)
-    cfg = replace(Config(), model=TINY_MODEL)
+    cfg = replace(Config(), model={**TINY_MODEL, "mixture": mixture})
     manifest = {"items": num_items, "users": num_users, "has_ratings": has_ratings}
     spec = build_spec(cfg, manifest, rating_mean=3.5 if has_ratings else 0.0)
     item_idx = np.arange(1, num_items + 1, dtype=np.int32)

@@ -111,6 +111,47 @@ def test_recommend_is_recall_then_rank_then_cross_sell(core):
     assert rec.ignored == ["bad"] and rec.model_version == "v1" and not rec.cold_start
 
 
+def composed(core, user, history, k):
+    """/v1/recommend as the "composed" serving pipeline runs it: three separate core calls."""
+    recalled = core.recall(user, history, max(k, 100))
+    items = recalled.items if recalled.cold_start else core.rank(user, history, ids(recalled)).items
+    items = items[:k]
+    return items, core.cross_sell_after(user, history, [i for i, _ in items], k).items, recalled.cold_start, recalled.ignored
+
+
+@pytest.fixture(scope="module")
+def core_mmoe(tmp_path_factory):
+    """Per-task encoder states that differ (shared_bottom gives every task the same tensor; a
+    fresh MMoE's gates are near uniform, so they are randomised here)."""
+    core = Recommender(str(make_checkpoint(tmp_path_factory.mktemp("ckpt") / "c", model_version="v1", mixture="mmoe")))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in core.model.mixture.parameters():
+            p.normal_(0, 1, generator=generator)
+    return core
+
+
+@pytest.mark.parametrize("name", ["core", "core_mmoe"])
+def test_recommend_many_is_the_composed_pipeline_in_one_pass(name, request):
+    core = request.getfixturevalue(name)
+    requests = [("u1", None, 5), ("nobody", None, 3), (None, ["i7", "x"], 4), ("u2", ["i40"], 12), ("u3", None, 1)]
+    answers = core.recommend_many(requests)
+    assert len(answers) == len(requests)
+    for answer, request in zip(answers, requests, strict=True):
+        items, cross, cold, ignored = composed(core, *request)
+        assert [i for i, _ in answer.items] == [i for i, _ in items]
+        assert [s for _, s in answer.items] == pytest.approx([s for _, s in items], rel=1e-5)
+        assert [i for i, _ in answer.cross_sell] == [i for i, _ in cross]
+        assert [s for _, s in answer.cross_sell] == pytest.approx([s for _, s in cross], rel=1e-5)
+        assert (answer.cold_start, answer.ignored, answer.model_version) == (cold, ignored, "v1")
+    assert answers[1].cold_start and answers[2].ignored == ["x"] and len(answers[3].items) == 12
+
+
+def test_recommend_many_refuses_a_bad_request(core):
+    with pytest.raises(InvalidRequestError, match="k must be"):
+        core.recommend_many([("u1", None, 5), ("u2", None, 0)])
+
+
 def test_recall_many_equals_one_by_one(core):
     requests = [("u1", None, 3), ("nobody", None, 2), (None, ["i7", "x"], 4)]
     for many, one in zip(core.recall_many(requests), [core.recall(*r) for r in requests], strict=True):

@@ -68,7 +68,10 @@ def served(tmp_path_factory):
     rating_app = apps["rating"]  # its own Rating replica, on a model trained without ratings
     rating_app["args"]["checkpoint"] = str(no_ratings)
     del rating_app["args"]["share_from"]
-    config["applications"] = [apps["p5ray"], apps["recall"], rating_app]  # recall: shares p5ray's
+    # the combined app again, as an ingress over p5ray's task replicas running the composed pipeline
+    composed = {"name": "composed", "route_prefix": "/composed", "import_path": server.BUILDER,
+                "args": {"checkpoint": str(a), "share_from": "p5ray", "pipeline": "composed"}}
+    config["applications"] = [apps["p5ray"], apps["recall"], rating_app, composed]  # recall: shares p5ray's
     server.start_serve(config)
     server.deploy(config, timeout_s=400)
     url = f"http://127.0.0.1:{http_port}"
@@ -135,6 +138,25 @@ def test_recommend_over_http_and_grpc_is_the_core_path(served):
     assert item_ids(answer["cross_sell"]) == [i for i, _ in want.cross_sell]
     reply = served.stub().Recommend(pb.RecommendRequest(user_id="u1", k=5), metadata=COMBINED, timeout=60)
     assert item_ids(reply.items) == item_ids(answer["items"]) and reply.model_version == "model-a"
+
+
+@pytest.mark.slow
+def test_fused_and_composed_pipelines_give_the_same_answers(served):
+    """/v1/recommend fused (one batched call to Recall) = composed (Recall, Rank, CrossSell in turn)."""
+    bodies = [{"user_id": "u1", "k": 5}, {"user_id": "u7", "history": ["i3", "nope"], "k": 12},
+              {"user_id": "stranger", "k": 3}, {"user_id": "newcomer", "history": ["i9"], "k": 1}]
+    for body in bodies:
+        fused = served.http.post("/v1/recommend", json=body)
+        composed = served.http.post("/composed/v1/recommend", json=body)
+        assert fused.status_code == composed.status_code == 200, (fused.text, composed.text)
+        fused, composed = fused.json(), composed.json()
+        assert item_ids(fused["items"]) == item_ids(composed["items"]) and len(fused["items"]) == body["k"]
+        assert item_ids(fused["cross_sell"]) == item_ids(composed["cross_sell"])
+        assert [fused[f] for f in ("cold_start", "ignored", "model_version")] == [composed[f] for f in ("cold_start", "ignored", "model_version")]
+    reply = served.stub().Recommend(pb.RecommendRequest(user_id="u7", k=4), metadata=(("application", "composed"),), timeout=60)
+    assert item_ids(reply.items) == item_ids(served.http.post("/v1/recommend", json={"user_id": "u7", "k": 4}).json()["items"])
+    code, _ = grpc_error(served.stub().Recommend, pb.RecommendRequest(user_id="u7", k=0), (("application", "composed"),))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.slow
@@ -375,7 +397,7 @@ def test_hot_swap_under_concurrent_requests_fails_none(served):
                     failures.append(repr(exc))
 
     replicas_before = replica_actors()
-    assert len(replicas_before) == 8  # p5ray: ingress + 4 tasks; recall: ingress; rating: ingress + Rating
+    assert len(replicas_before) == 9  # p5ray: ingress + 4 tasks; recall, composed: ingress; rating: ingress + Rating
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
