@@ -3,6 +3,8 @@
     python bench/serve_load.py                          # synthetic Beauty-shaped model, 10 s a run
     python bench/serve_load.py --checkpoint CKPT --duration 20 --out bench/serve_load.json
 
+Serve's /v1/recommend runs both pipelines of p5ray/serve.py side by side: "serve" is the default
+fused one (one batched call to Recall), "composed" the three handle calls (Recall, Rank, CrossSell).
 Both servers host the same model through the same core (`p5ray.inference.Recommender`) and the
 same request schemas; the bare server is what a team would otherwise write: one uvicorn process,
 sync FastAPI routes calling the core. The load generator is closed-loop asyncio on loopback: C
@@ -153,8 +155,11 @@ def start_serve(checkpoint: str, batch: int) -> tuple[str, str]:
     ensure_ray(8)
     http_port, grpc_port = free_port(), free_port()
     config = server.serve_config(checkpoint, "127.0.0.1", http_port, grpc_port)
-    config["applications"] = config["applications"][:1]  # the combined app: every route
+    config["applications"] = config["applications"][:1]  # the combined app: every route (fused recommend)
     config["applications"][0]["args"]["recall_max_batch_size"] = batch
+    # the same app as an ingress over those replicas with the composed /v1/recommend (3 handle calls)
+    config["applications"].append({"name": "composed", "route_prefix": "/composed", "import_path": server.BUILDER,
+                                   "args": {"checkpoint": checkpoint, "share_from": "p5ray", "pipeline": "composed"}})
     server.start_serve(config)
     server.deploy(config, timeout_s=600)
     url = f"http://127.0.0.1:{http_port}"
@@ -177,7 +182,7 @@ def make_request(route: str, rng: np.random.Generator, items: int, users: int) -
     }[route]
 
 
-async def http_load(url: str, route: str, concurrency: int, duration: float, shape: dict) -> dict:
+async def http_load(url: str, route: str, concurrency: int, duration: float, shape: dict, app: str = "p5ray") -> dict:
     import httpx
 
     latencies, errors = [], 0
@@ -204,7 +209,7 @@ async def http_load(url: str, route: str, concurrency: int, duration: float, sha
     return summary(latencies, errors, duration)
 
 
-async def grpc_load(target: str, route: str, concurrency: int, duration: float, shape: dict) -> dict:
+async def grpc_load(target: str, route: str, concurrency: int, duration: float, shape: dict, app: str = "p5ray") -> dict:
     import grpc
 
     from p5ray.proto import p5ray_pb2 as pb
@@ -223,7 +228,7 @@ async def grpc_load(target: str, route: str, concurrency: int, duration: float, 
                 message = rpc[1](**make_request(route, rng, **shape))
                 t = time.perf_counter()
                 try:
-                    await call(message, metadata=(("application", "p5ray"),), timeout=30)
+                    await call(message, metadata=(("application", app),), timeout=30)
                     latencies.append(time.perf_counter() - t)
                 except grpc.aio.AioRpcError:
                     errors += 1
@@ -274,11 +279,13 @@ def markdown(report: dict) -> str:
     rows = {}
     for r in report["results"]:
         rows.setdefault((r["route"], r["concurrency"]), {})[f"{r['server']} {r['protocol']}"] = r
-    head = ["route", "clients"] + [f"{t} {m}" for t in ("bare http", "serve http", "serve grpc") for m in ("req/s", "p50/p95/p99 ms")]
+    servers = ("bare http", "serve http", "serve grpc") + tuple(
+        t for t in ("composed http", "composed grpc") if any(f"{r['server']} {r['protocol']}" == t for r in report["results"]))
+    head = ["route", "clients"] + [f"{t} {m}" for t in servers for m in ("req/s", "p50/p95/p99 ms")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (route, c), by in rows.items():
         cells = [f"/v1/{route}", str(c)]
-        for t in ("bare http", "serve http", "serve grpc"):
+        for t in servers:
             r = by.get(t)
             cells += [f"{r['rps']:.1f}", f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}" + (f" ({r['errors']} err)" if r["errors"] else "")] if r else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -307,10 +314,14 @@ def run_all(args) -> dict:
     bare, bare_url = start_bare(checkpoint)
     try:
         url, target = start_serve(checkpoint, args.batch)
-        targets = (("bare", "http", http_load, bare_url), ("serve", "http", http_load, url), ("serve", "grpc", grpc_load, target))
+        targets = (("bare", "http", http_load, bare_url, "p5ray"), ("serve", "http", http_load, url, "p5ray"),
+                   ("serve", "grpc", grpc_load, target, "p5ray"),
+                   ("composed", "http", http_load, f"{url}/composed", "composed"), ("composed", "grpc", grpc_load, target, "composed"))
         for route, c in plan:
-            for server, protocol, load, address in targets:
-                numbers = asyncio.run(load(address, route, c, args.duration, shape))
+            for server, protocol, load, address, app in targets:
+                if server == "composed" and (route != "recommend" or args.no_composed):
+                    continue  # the pipelines differ only in /v1/recommend
+                numbers = asyncio.run(load(address, route, c, args.duration, shape, app))
                 results.append({"server": server, "protocol": protocol, "route": route, "concurrency": c, **numbers})
                 print(json.dumps(results[-1]), flush=True)
     finally:
@@ -329,6 +340,7 @@ def main() -> int:
     parser.add_argument("--task-concurrency", type=int, default=4, help="clients for each task route")
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--batch", type=int, default=8, help="Recall @serve.batch max size (1: no batching)")
+    parser.add_argument("--no-composed", action="store_true", help="skip the composed /v1/recommend pipeline")
     parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="environment for Ray Serve's processes, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     parser.add_argument("--out", help="write the results JSON here")

@@ -42,6 +42,7 @@ def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000
             args["tasks"] = tasks
             args["share_from"] = "p5ray"
         else:
+            args["pipeline"] = "fused"  # /v1/recommend in one batched call (serve.py: AppArgs.pipeline)
             if replicas:
                 args["replicas"] = replicas
             if use_gpu:  # the four task replicas of a set share one GPU
