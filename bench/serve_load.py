@@ -289,7 +289,24 @@ def markdown(report: dict) -> str:
             r = by.get(t)
             cells += [f"{r['rps']:.1f}", f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}" + (f" ({r['errors']} err)" if r["errors"] else "")] if r else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "/v1/recommend throughput at p99 <= 50 ms (the best cell of each server; ratio to bare):", ""]
+    best = capacity(report["results"])
+    for name, rps in best.items():
+        ratio = f"{rps / best['bare http']:.2f}x" if best.get("bare http") else "-"
+        lines.append(f"- {name}: {rps:.1f} req/s ({ratio})")
     return "\n".join(lines)
+
+
+def capacity(results: list[dict], route: str = "recommend", p99_ms: float = 50.0) -> dict[str, float]:
+    """Per server: the highest throughput among its cells on `route` whose p99 is within `p99_ms`
+    (0 when none is)."""
+    best: dict[str, float] = {}
+    for r in results:
+        if r["route"] == route:
+            name = f"{r['server']} {r['protocol']}"
+            ok = r["p99_ms"] <= p99_ms and not r["errors"]
+            best[name] = max(best.get(name, 0.0), r["rps"] if ok else 0.0)
+    return best
 
 
 # -- driver ------------------------------------------------------------------------------------------
@@ -336,7 +353,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="serve this checkpoint (default: a synthetic Beauty-shaped one)")
     parser.add_argument("--duration", type=float, default=10, help="seconds per (server, protocol, route, concurrency)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients for /v1/recommend")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="clients for /v1/recommend")
     parser.add_argument("--task-concurrency", type=int, default=4, help="clients for each task route")
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--batch", type=int, default=8, help="Recall @serve.batch max size (1: no batching)")

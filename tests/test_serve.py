@@ -125,6 +125,20 @@ def test_config_file_deploys_the_apps_the_cli_deploys(tmp_path):
         assert sum(c == {"checkpoint": new} for c in configs.values()) == 4
 
 
+def test_load_bench_capacity_is_the_best_cell_within_the_p99_bound():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cell = lambda server, c, rps, p99, errors=0: {"server": server, "protocol": "http", "route": "recommend",  # noqa: E731
+                                                 "concurrency": c, "rps": rps, "p99_ms": p99, "errors": errors}
+    results = [cell("bare", 1, 100, 12), cell("bare", 4, 150, 49), cell("bare", 16, 160, 300),
+               cell("serve", 1, 40, 30), cell("serve", 4, 130, 45, errors=1), cell("serve", 16, 200, 51),
+               {**cell("serve", 4, 999, 1), "route": "rank"}]
+    assert bench.capacity(results) == {"bare http": 150, "serve http": 40}
+
+
 # -- happy paths ----------------------------------------------------------------------------------
 
 
