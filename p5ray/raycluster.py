@@ -24,6 +24,26 @@ QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+# Ray Serve's request path, set before a local Ray starts (a `ray start` cluster needs them in the
+# environment of its `ray start` commands: cluster.yaml, README "Serving"). Part of Serve's own
+# throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, whose direct ingress would open an HTTP port per
+# ingress replica, and is left out): user code and the router on the replica's one event loop, not
+# threads of their own; replica-to-replica calls over Serve's gRPC data plane; request-path logs
+# buffered. Measured on /v1/recommend in BENCHMARKS.md ("Serving").
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
+
+def apply_serve_env() -> None:
+    """SERVE_ENV into this process's environment (values already set win): a local Ray started
+    afterwards passes them to every Serve process."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def verbose() -> bool:
     """--verbose sets P5RAY_VERBOSE=1: Ray's own INFO logs are then shown."""
@@ -131,6 +151,7 @@ def ensure_ray(min_cpus: int = 2) -> None:
         if address:  # a cluster, or the cluster of the Ray Job this driver runs in
             ray.init(address=address, **kwargs)
         else:
+            apply_serve_env()
             cpus = max(os.cpu_count() or 1, min_cpus + 2)
             # always a fresh local instance (address="local"): never someone else's `ray start`
             # cluster by accident; the dashboard hosts the state API that Ray Train's controller

@@ -175,13 +175,16 @@ class Recall(TaskModel):
         """The fused /v1/recommend: recall -> rank -> cross-sell here, batched across requests."""
         return unbatched(await self.recommend_batch(request))
 
+    # The batches compute on the event loop, not in a worker thread: a batch is milliseconds of
+    # torch, requests arriving meanwhile queue for the next batch, and the hand-off to a thread
+    # measured slower (recommend at 4 clients over gRPC: 148 -> 182 req/s inline; BENCHMARKS.md).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def recall_batch(self, requests: list[RecallRequest]) -> list:
-        return await asyncio.to_thread(recall_all, self.core, requests)
+        return recall_all(self.core, requests)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def recommend_batch(self, requests: list[RecommendRequest]) -> list:
-        return await asyncio.to_thread(recommend_all, self.core, requests)
+        return recommend_all(self.core, requests)
 
 
 @serve.deployment(name="Rank", max_ongoing_requests=8, max_queued_requests=64, **HEALTH)

@@ -97,6 +97,9 @@ def start_local_ray(num_cpus: int = 8, attempts: int = 3) -> None:
     machine the raylet can miss Ray's fixed 30 s start-up window."""
     import ray
 
+    from p5ray.raycluster import apply_serve_env
+
+    apply_serve_env()  # Serve in tests runs as `p5ray serve` runs it
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
