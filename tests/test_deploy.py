@@ -56,6 +56,9 @@ def test_cluster_nodes_install_p5ray_and_share_token_and_storage(cluster_config)
     assert any("pip install" in c and "~/p5ray" in c for c in cluster_config["setup_commands"])
     starts = cluster_config["head_start_ray_commands"] + cluster_config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    from p5ray.raycluster import SERVE_ENV  # Serve's request path as `p5ray serve` sets it locally
+
+    assert all(f"{k}={v}" in c for c in starts if "ray start" in c for k, v in SERVE_ENV.items())
     assert any("/mnt/shared" in c for c in cluster_config["initialization_commands"])
     assert any("/mnt/shared:/mnt/shared" in o for o in cluster_config["docker"]["run_options"])
 

@@ -125,6 +125,21 @@ def test_config_file_deploys_the_apps_the_cli_deploys(tmp_path):
         assert sum(c == {"checkpoint": new} for c in configs.values()) == 4
 
 
+def test_serve_env_fills_what_is_unset_and_keeps_what_the_user_set(monkeypatch):
+    import os
+
+    from p5ray.raycluster import SERVE_ENV, apply_serve_env
+
+    for key in SERVE_ENV:  # recorded, so the test leaves the environment as it found it
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    apply_serve_env()
+    assert os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    assert all(os.environ[k] == v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_USE_GRPC_BY_DEFAULT")
+    assert SERVE_ENV["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
 def test_load_bench_capacity_is_the_best_cell_within_the_p99_bound():
     import importlib.util
 
