@@ -56,6 +56,8 @@ class LossConfig:
     logq_correction: bool = True  # subtract log sampling probability in sampled softmax
     rank_negatives: int = 4  # sampled negatives per positive for the rank task
     label_smoothing: float = 0.0  # on the recall softmax
+    contrastive: float = 0.0  # weight of the contrastive auxiliary loss on recall states (0: off)
+    contrastive_temperature: float = 0.2  # softmax temperature of that loss (cosine similarities)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ class MultiTaskLoss(nn.Module):
         logq_correction: bool = True,
         label_smoothing: float = 0.0,
         sampling_probs: torch.Tensor | None = None,
+        contrastive: float = 0.0,
+        contrastive_temperature: float = 0.2,
     ):
         super().__init__()
         self.model = model
@@ -47,6 +49,8 @@ class MultiTaskLoss(nn.Module):
         self.weighting = weighting
         self.logq_correction = logq_correction
         self.label_smoothing = label_smoothing
+        self.contrastive = contrastive
+        self.contrastive_temperature = contrastive_temperature
         self.register_buffer("alpha", torch.tensor([alpha[t] for t in self.tasks]))
         # GradNorm multipliers, set by GradNormBalancer; uncertainty log-variances, learned
         self.register_buffer("balance", torch.ones(len(self.tasks)))
@@ -74,7 +78,15 @@ class MultiTaskLoss(nn.Module):
         for task in self.tasks:
             parts[task] = getattr(self, f"_{task}")(reps[task][mask], table, flat, batch)
         losses = torch.stack([parts[t] for t in self.tasks])
-        return self.combine(losses), parts
+        total = self.combine(losses)
+        if self.contrastive > 0 and self.training and "recall" in self.tasks:
+            # a second pass draws other dropout masks: the same history seen twice is a positive pair
+            twin = self.model.encode(batch["inputs"], batch.get("users"))["recall"][mask]  # (P, D)
+            parts["contrastive"] = contrastive_loss(
+                reps["recall"][mask], twin, flat["targets"], flat["weights"], self.contrastive_temperature
+            )
+            total = total + self.contrastive * parts["contrastive"]
+        return total, parts
 
     def combine(self, losses: torch.Tensor) -> torch.Tensor:
         weights = self.alpha * self.balance
@@ -134,6 +146,25 @@ class MultiTaskLoss(nn.Module):
         pred = self.model.rating(r, table[flat["targets"]].unsqueeze(-2)).squeeze(-1)  # (P,)
         err = (pred - torch.nan_to_num(ratings)) ** 2
         return _weighted_mean(err, known)
+
+
+def contrastive_loss(
+    a: torch.Tensor, b: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised InfoNCE between two views of the same P positions, in both directions.
+
+    a, b (P, D): the recall states of two forward passes (different dropout masks). Row i of `a`
+    is pulled towards every row of `b` whose position has the same next item (its own twin
+    included: DuoRec's unsupervised and supervised positives, Qiu et al., WSDM 2022) and pushed
+    from the other positions of the batch. Cosine similarity over `temperature`.
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    same = targets.unsqueeze(0) == targets.unsqueeze(1)  # (P, P), diagonal always true
+    loss = 0
+    for sim in (a @ b.T / temperature, b @ a.T / temperature):  # (P, P)
+        positive = torch.logsumexp(sim.masked_fill(~same, NEG_INF), -1)
+        loss = loss + (torch.logsumexp(sim, -1) - positive) / 2
+    return _weighted_mean(loss, weights)
 
 
 def _seen_rows(seen: torch.Tensor | None, num_rows: int, rows: torch.Tensor) -> torch.Tensor | None:

@@ -333,6 +333,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         weighting=cfg.loss.weighting,
         logq_correction=cfg.loss.logq_correction,
         label_smoothing=cfg.loss.label_smoothing,
+        contrastive=cfg.loss.contrastive,
+        contrastive_temperature=cfg.loss.contrastive_temperature,
         sampling_probs=_pool_probs(items, spec.num_items),
     )
     loss_fn = ray.train.torch.prepare_model(

@@ -10,7 +10,7 @@ import torch
 
 from p5ray import dataset
 from p5ray.config import Config, replace
-from p5ray.losses import GradNormBalancer, MultiTaskLoss
+from p5ray.losses import GradNormBalancer, MultiTaskLoss, contrastive_loss
 from p5ray.model import ModelSpec, P5Rec
 from p5ray.train import EpochData, lr_lambda, run_epoch
 
@@ -163,9 +163,48 @@ def test_gradnorm_moves_weight_towards_the_task_with_small_gradients():
     assert slow[0] > slow[1]
 
 
-def test_no_valid_position_gives_zero_loss_with_a_graph():
+def _contrastive_by_hand(a, b, targets, weights, tau):
+    a = [[v / math.sqrt(sum(v * v for v in x)) for v in x] for x in a.tolist()]
+    b = [[v / math.sqrt(sum(v * v for v in x)) for v in x] for x in b.tolist()]
+    t, w = targets.tolist(), weights.tolist()
+    total = 0.0
+    for u, v in ((a, b), (b, a)):
+        for i in range(len(u)):
+            sims = [sum(p * q for p, q in zip(u[i], v[j])) / tau for j in range(len(v))]
+            pos = sum(math.exp(s) for j, s in enumerate(sims) if t[j] == t[i])
+            total += w[i] * -math.log(pos / sum(math.exp(s) for s in sims)) / 2
+    return total / sum(w)
+
+
+def test_contrastive_loss_matches_supervised_infonce_by_hand():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    targets = torch.tensor([5, 7, 5, 9, 7, 2])  # positions 0/2 and 1/4 share their next item
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0, 0.0, 1.0])
+    got = float(contrastive_loss(a, b, targets, weights, 0.3))
+    assert got == pytest.approx(_contrastive_by_hand(a, b, targets, weights, 0.3), rel=1e-5)
+    # twins that agree with each other and differ from the rest give a lower loss
+    assert float(contrastive_loss(a, a, torch.arange(6), weights, 0.3)) < float(contrastive_loss(a, b, torch.arange(6), weights, 0.3))
+
+
+def test_contrastive_term_in_training_only_and_added_with_its_weight():
     model = make_model()
-    loss_fn = MultiTaskLoss(model, ALPHA)
+    loss_fn = MultiTaskLoss(model, ALPHA, contrastive=0.5).train()
+    total, parts = loss_fn(make_batch())
+    assert float(parts["contrastive"]) > 0
+    expected = sum(ALPHA[t] * parts[t] for t in ALPHA) + 0.5 * parts["contrastive"]
+    assert torch.allclose(total, expected, atol=1e-5)
+    total.backward()
+    assert model.encoder.blocks[0].qkv.weight.grad is not None
+    loss_fn.eval()
+    assert "contrastive" not in loss_fn(make_batch())[1]
+    assert "contrastive" not in MultiTaskLoss(make_model(), ALPHA).train()(make_batch())[1]
+
+
+@pytest.mark.parametrize("contrastive", [0.0, 0.5])
+def test_no_valid_position_gives_zero_loss_with_a_graph(contrastive):
+    model = make_model()
+    loss_fn = MultiTaskLoss(model, ALPHA, contrastive=contrastive)
     batch = make_batch()
     batch["targets"] = torch.zeros_like(batch["targets"])
     total, parts = loss_fn(batch)
