@@ -33,6 +33,13 @@ BUILDER = "p5ray.serve:build_app"
 APPS = (("p5ray", "/", None),) + tuple((t.name, f"/{t.route}", [t.name]) for t in TASKS)
 
 
+# Serve's per-request access log lines, off: each one is a write to the process's stderr that
+# Ray's log monitor then reads and publishes, a per-request cost on every proxy and replica
+# (BENCHMARKS.md, "Serving"). Warnings and errors are still logged, to the terminal and to
+# Serve's log files; set enable_access_log: true in a Serve config to get the lines back.
+LOGGING = {"enable_access_log": False}
+
+
 def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 9000,
                  replicas: int | None = None, use_gpu: bool = False) -> dict:
     apps = []
@@ -47,11 +54,13 @@ def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000
                 args["replicas"] = replicas
             if use_gpu:  # the four task replicas of a set share one GPU
                 args["replica_gpus"] = 1 / len(TASKS)
-        apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args})
+        apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args,
+                     "logging_config": dict(LOGGING)})
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
+        "logging_config": dict(LOGGING),
         "applications": apps,
     }
 
@@ -93,7 +102,8 @@ def start_serve(config: dict) -> None:
     from ray import serve
 
     serve.start(proxy_location=config.get("proxy_location", "HeadOnly"),
-                http_options=config["http_options"], grpc_options=config["grpc_options"])
+                http_options=config["http_options"], grpc_options=config["grpc_options"],
+                logging_config=config.get("logging_config"))
 
 
 def deploy(config: dict, timeout_s: float = 600, stop: threading.Event | None = None) -> None:

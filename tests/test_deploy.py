@@ -125,6 +125,14 @@ def test_rayservice_serves_http_8000_and_grpc_9000(service):
     ]
 
 
+def test_rayservice_pods_start_ray_with_the_serve_settings(service):
+    from p5ray.raycluster import SERVE_ENV
+
+    for pod in pods(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e["value"] for e in pod["containers"][0].get("env", [])}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+
+
 def test_rayservice_runs_the_spec_applications_from_one_checkpoint(service):
     apps = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     assert {a["name"] for a in apps} == APPS
@@ -146,6 +154,7 @@ def test_rayservice_matches_serve_config_where_it_exists(service):
 
     assert shape(cluster) == shape(local)
     assert cluster["grpc_options"]["grpc_servicer_functions"] == local["grpc_options"]["grpc_servicer_functions"]
+    assert cluster["logging_config"] == local["logging_config"]
 
 
 def test_docker_image_installs_torch_and_p5ray_without_local_clutter():

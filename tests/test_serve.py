@@ -114,6 +114,7 @@ def test_config_file_deploys_the_apps_the_cli_deploys(tmp_path):
     shape = lambda c: [(a["name"], a["route_prefix"], a["import_path"], a["args"]) for a in c["applications"]]  # noqa: E731
     assert shape(file) == shape(cli)
     assert file["grpc_options"]["grpc_servicer_functions"] == cli["grpc_options"]["grpc_servicer_functions"]
+    assert file["logging_config"] == cli["logging_config"] == {"enable_access_log": False}
     new = str(make_checkpoint(tmp_path / "new"))
     swapped = server.swap_checkpoint(file, new)
     assert shape(swapped) == shape(file)  # args untouched: a lightweight update, not a redeploy
@@ -363,6 +364,27 @@ def test_still_healthy_after_bad_requests(served):
     statuses = serve.status().applications
     assert {statuses[a["name"]].status for a in served.config["applications"]} == {"RUNNING"}
     assert served.http.post("/v1/recommend", json={"user_id": "u3", "k": 2}).status_code == 200
+
+
+def _access_lines() -> int:
+    """Serve access-log lines ("POST /v1/recommend 200 3.1ms") in the stderr files of every
+    Ray worker of this session: where the proxy's and the replicas' per-request lines go."""
+    import re
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    line = re.compile(r"\b(GET|POST) /\S* \d{3} [\d.]+ms")
+    return sum(len(line.findall(f.read_text(errors="replace"))) for f in logs.glob("worker-*.err"))
+
+
+def test_requests_write_no_access_log_lines(served):
+    """Access logs are off (server.LOGGING): a request costs no log write on the proxy or replica."""
+    before = _access_lines()
+    for user in ("u1", "u2", "u3", "u4", "u5"):
+        assert served.http.post("/v1/recommend", json={"user_id": user, "k": 2}).status_code == 200
+    time.sleep(2)
+    assert _access_lines() == before
 
 
 # -- load: overload and hot swap ------------------------------------------------------------------
