@@ -159,8 +159,7 @@ def start_serve(checkpoint: str, batch: int) -> tuple[str, str]:
     config["applications"][0]["args"]["recall_max_batch_size"] = batch
     # the same app as an ingress over those replicas with the composed /v1/recommend (3 handle calls)
     config["applications"].append({"name": "composed", "route_prefix": "/composed", "import_path": server.BUILDER,
-                                   "args": {"checkpoint": checkpoint, "share_from": "p5ray", "pipeline": "composed"},
-                                   "logging_config": dict(server.LOGGING)})
+                                   "args": {"checkpoint": checkpoint, "share_from": "p5ray", "pipeline": "composed"}})
     server.start_serve(config)
     server.deploy(config, timeout_s=600)
     url = f"http://127.0.0.1:{http_port}"

@@ -54,13 +54,12 @@ def serve_config(checkpoint: str, host: str = "127.0.0.1", http_port: int = 8000
                 args["replicas"] = replicas
             if use_gpu:  # the four task replicas of a set share one GPU
                 args["replica_gpus"] = 1 / len(TASKS)
-        apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args,
-                     "logging_config": dict(LOGGING)})
+        apps.append({"name": name, "route_prefix": prefix, "import_path": BUILDER, "args": args})
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
-        "logging_config": dict(LOGGING),
+        "logging_config": dict(LOGGING),  # Serve's own components, and every app that sets none
         "applications": apps,
     }
 
