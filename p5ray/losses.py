@@ -74,16 +74,17 @@ class MultiTaskLoss(nn.Module):
             "weights": batch["weights"].unsqueeze(1).expand_as(mask)[mask],  # (P,)
             "rows": rows[mask],  # (P,) batch row of each position
         }
+        reps = {t: reps[t][mask] for t in self.tasks}  # (P, D) each: the positions with a target
         parts = {}
         for task in self.tasks:
-            parts[task] = getattr(self, f"_{task}")(reps[task][mask], table, flat, batch)
+            parts[task] = getattr(self, f"_{task}")(reps[task], table, flat, batch)
         losses = torch.stack([parts[t] for t in self.tasks])
         total = self.combine(losses)
         if self.contrastive > 0 and self.training and "recall" in self.tasks:
             # a second pass draws other dropout masks: the same history seen twice is a positive pair
             twin = self.model.encode(batch["inputs"], batch.get("users"))["recall"][mask]  # (P, D)
             parts["contrastive"] = contrastive_loss(
-                reps["recall"][mask], twin, flat["targets"], flat["weights"], self.contrastive_temperature
+                reps["recall"], twin, flat["targets"], flat["weights"], self.contrastive_temperature
             )
             total = total + self.contrastive * parts["contrastive"]
         return total, parts
